@@ -17,7 +17,7 @@ from transformers import PreTrainedConfig
 
 WEIGHT_KINDS = ("embed", "q", "k", "v", "o", "mlp_in", "mlp_out", "head")
 CONSTRAINTS = ("hard_cap", "soft_cap", "normalize", "hammer", "spectral_wd", "none")
-CAP_METHODS = ("polar", "svd", "poly")
+CAP_METHODS = ("auto", "eigh", "polar", "svd", "poly")
 LINEAR_KINDS = ("dense", "poet")
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "poet_block_size", "poet_neumann_terms")
@@ -51,7 +51,8 @@ class LipformerConfig(PreTrainedConfig):
         (for "embed": the largest RMS of a token vector). Missing kinds default to 1.
     input_radius: the body projects every incoming token vector onto the RMS ball of this radius
         (default: w_max["embed"], so clean embeddings pass unchanged).
-    constraint, cap_method: the projection applied after each optimizer step.
+    constraint, cap_method: the projection applied after each optimizer step. cap_method "auto"
+        (default) is the exact "eigh" cap on CPU and the matmul-only "polar" cap on GPUs.
     linear: "dense" (capped matrices) or "poet" (W = R W0 P with orthogonal R, P: q/k/v/o and MLP
         matrices keep W0's spectrum, initialized uniform at the cap, so no projection is needed;
         the head stays dense); poet_block_size, poet_neumann_terms configure it.
@@ -72,7 +73,7 @@ class LipformerConfig(PreTrainedConfig):
     w_max: dict | None = None
     input_radius: float | None = None
     constraint: str = "hard_cap"
-    cap_method: str = "polar"
+    cap_method: str = "auto"
     linear: str = "dense"
     poet_block_size: int = 256
     poet_neumann_terms: int = 5

@@ -31,7 +31,7 @@ def clip_rows_rms(weight: torch.Tensor, max_rms: float) -> None:
 class SpectralProjection:
     """Applies one constraint to every capped weight of a model.
 
-    constraint: "hard_cap" (σ ↦ min(σ, cap) by `method` polar/svd/poly), "soft_cap" (α coupled to
+    constraint: "hard_cap" (σ ↦ min(σ, cap) by `method` auto/eigh/polar/svd/poly), "soft_cap" (α coupled to
     the step so σ ≤ cap is guaranteed), "normalize" (W / max(1, σ̄/cap), σ̄ sound), "hammer" (top σ
     set to the cap), "spectral_wd" (W − λσ₁u₁v₁ᵀ), or "none". Defaults come from model.config.
 
@@ -46,7 +46,7 @@ class SpectralProjection:
                  constraint: str | None = None, method: str | None = None, spectral_wd: float = 0.1):
         config = getattr(model, "config", None)
         self.constraint = constraint or getattr(config, "constraint", "hard_cap")
-        self.method = method or getattr(config, "cap_method", "polar")
+        self.method = method or getattr(config, "cap_method", "auto")
         if self.constraint not in CONSTRAINTS:
             raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
         if self.method not in CAP_METHODS:

@@ -384,7 +384,7 @@ def merge_all(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
               cap_method: str | None = None) -> int:
     """Merge every POETLinear of `model` (the trainer calls this every `merge_every` steps).
 
-    With `cap_method` ("polar", "svd", "poly") each merged W0 is then hard-capped at the layer's
+    With `cap_method` (see `spectral.hard_cap`) each merged W0 is then hard-capped at the layer's
     cap: right after a merge the effective weight *is* W0, so this is the projection step for
     POET. Cayley–Neumann factors can only stretch σ (by 1 + O(‖Q‖^{k+1})), and without it the
     stretch compounds over merges.

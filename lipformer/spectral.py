@@ -271,15 +271,60 @@ def _hard_cap_polar(W: Tensor, w: Tensor) -> Tensor:
     return (C * w.to(work)).to(W.dtype)
 
 
-def hard_cap(W: Tensor, w_max: float | Tensor, method: str = "polar") -> Tensor:
+def _hard_cap_eigh(W: Tensor, w: Tensor) -> Tensor:
+    """min(σ, w) from one symmetric eigendecomposition of the small Gram matrix (docs/lipschitz.md §2).
+
+    With MᵀM = V Λ Vᵀ (M tall, so the Gram matrix is min(m, n)²) and h(λ) = min(1, w/√λ),
+    M·V h(Λ) Vᵀ = U min(Σ, w) Vᵀ. Written as M + (M V_k)(h_k − 1)V_kᵀ over the k eigenpairs with
+    √λ > w only, so directions already inside the cap are left exactly as they were, and the
+    correction costs 2·m·n·k. On CPU LAPACK's `eigh` beats the ~40 matmuls of the polar method by
+    about 5×; on GPUs eigh is slow, hence `auto`.
+    """
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    M = W.to(work)
+    tall = M.size(-2) >= M.size(-1)
+    if not tall:
+        M = M.mT
+    w2 = (w.to(work) ** 2).reshape(*w.shape[:-2], 1)
+    A = M.mT @ M
+    lam, V = torch.linalg.eigh(0.5 * (A + A.mT))
+    if work == torch.float32 and bool((lam[..., -1:] > 1e3 * w2).any()):
+        # far above the cap the float32 eigenvalues near w² carry u·λ_max of error: redo in float64
+        return _hard_cap_eigh(W.double(), w.double()).to(W.dtype)
+    k = int((lam > w2).sum(-1).max())
+    if k == 0:
+        return W
+    lam, V = lam[..., -k:], V[..., -k:]  # eigh sorts ascending: the top k
+    shrink = torch.where(lam > w2, torch.sqrt(w2 / lam.clamp(min=torch.finfo(work).tiny)) - 1.0,
+                         torch.zeros_like(lam))
+    C = M + ((M @ V) * shrink[..., None, :]) @ V.mT
+    if not tall:
+        C = C.mT
+    return C.to(W.dtype)
+
+
+def resolve_cap_method(method: str, device: torch.device | str) -> str:
+    """`auto` → "eigh" on CPU (LAPACK is fast there), "polar" on accelerators (matmuls only)."""
+    if method != "auto":
+        return method
+    return "eigh" if torch.device(device).type == "cpu" else "polar"
+
+
+def hard_cap(W: Tensor, w_max: float | Tensor, method: str = "auto") -> Tensor:
     """Cap every singular value at w_max: σ ↦ min(σ, w_max), keeping the singular vectors.
 
     method="svd": exact (float64 SVD; a reference for small matrices).
+    method="eigh": exact to rounding, from an eigendecomposition of the min(m, n)² Gram matrix;
+    the fastest exact cap on CPU.
     method="polar": exact to iteration tolerance for any σ, matmuls only (GPU-friendly).
+    method="auto" (default): eigh on CPU, polar elsewhere.
     method="poly": the MIT paper's 4-step polynomial — approximate (σ=1 → 0.966, peak 1.011 near
     σ≈1.19) and wrong above σ≈4; kept for comparison, never a guarantee.
     """
     w = _as_stack_scalar(w_max, W)
+    method = resolve_cap_method(method, W.device)
+    if method == "eigh":
+        return _hard_cap_eigh(W, w)
     if method == "svd":
         U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
         S = torch.minimum(S, w.double().squeeze(-1))
@@ -293,7 +338,7 @@ def hard_cap(W: Tensor, w_max: float | Tensor, method: str = "polar") -> Tensor:
             A = M.mT @ M
             M = M @ (a * torch.eye(A.size(-1), dtype=work, device=A.device) + b * A + c * (A @ A))
         return (M * w.to(work)).to(W.dtype)
-    raise ValueError(f"unknown hard_cap method {method!r}; use 'svd', 'polar' or 'poly'")
+    raise ValueError(f"unknown hard_cap method {method!r}; use 'auto', 'eigh', 'polar', 'svd' or 'poly'")
 
 
 def soft_cap(W: Tensor, alpha: float) -> Tensor:

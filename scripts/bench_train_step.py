@@ -6,7 +6,8 @@ step `SpectralProjection.__call__` (hard cap, polar method) whose share of the s
 
     baseline   transformers.GPT2LMHeadModel (dropout 0, sdpa attention, tied head) + torch.optim.AdamW
     lipformer  LipformerForCausalLM + lipformer.optim Muon (AdamW companion on the embedding)
-               + SpectralProjection(model, optimizer) with constraint hard_cap, cap_method polar
+               + SpectralProjection(model, optimizer) with constraint hard_cap, one row per
+               `--cap-methods` entry (default: auto, which is eigh on CPU, and polar)
 
 Median of `--repeats` interleaved steps (the order alternates) after `--warmup` steps each, float32.
 
@@ -36,6 +37,7 @@ from _bench import add_common_args, machine  # noqa: E402
 from lipformer import LipformerConfig, LipformerForCausalLM  # noqa: E402
 from lipformer.constraints import SpectralProjection  # noqa: E402
 from lipformer.optim import build_optimizer  # noqa: E402
+from lipformer.spectral import resolve_cap_method  # noqa: E402
 
 
 
@@ -48,10 +50,10 @@ def make_gpt2(args):
     return model, torch.optim.AdamW(model.parameters(), lr=3e-4), None
 
 
-def make_lipformer(args):
+def make_lipformer(args, cap_method: str):
     cfg = LipformerConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                           num_attention_heads=args.heads, max_position_embeddings=args.seq,
-                          constraint="hard_cap", cap_method="polar")
+                          constraint="hard_cap", cap_method=cap_method)
     model = LipformerForCausalLM(cfg).train()
     opt = build_optimizer(model, "muon", lr=0.05)
     return model, opt, SpectralProjection(model, opt)
@@ -83,14 +85,22 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=83, help="vocabulary (default 83, Shakespeare char)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model (default 2)")
     p.add_argument("--repeats", type=int, default=9, help="timed steps per model, interleaved (default 9)")
+    p.add_argument("--cap-methods", default="auto,polar",
+                   help="comma-separated hard_cap methods, one lipformer row each; the first one is judged "
+                        "against the goals (default auto,polar)")
     add_common_args(p, ROOT)
     args = p.parse_args()
+    methods = [m.strip() for m in args.cap_methods.split(",") if m.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq))
     y = torch.randint(0, args.vocab, (args.batch, args.seq))
-    runs = {"GPT2LMHeadModel + AdamW": make_gpt2(args), "lipformer + Muon + hard cap": make_lipformer(args)}
+    runs = {"GPT2LMHeadModel + AdamW": make_gpt2(args)}
+    for method in methods:
+        resolved = resolve_cap_method(method, "cpu")
+        label = method if resolved == method else f"{method} = {resolved}"
+        runs[f"lipformer + Muon + hard cap ({label})"] = make_lipformer(args, method)
     times = {k: [] for k in runs}
     proj = {k: [] for k in runs}
     for name, (model, opt, project) in runs.items():
@@ -98,7 +108,7 @@ def main() -> None:
             step(model, opt, project, x, y)
     order = list(runs)
     for r in range(args.repeats):
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in (order if r % 2 == 0 else order[::-1]):  # alternate so drift hits all alike
             t, tp = step(*runs[name], x, y)
             times[name].append(t)
             proj[name].append(tp)
@@ -124,7 +134,8 @@ def main() -> None:
     share = statistics.median([tp / t for tp, t in zip(proj[lip], times[lip])])
     if args.no_append:
         return
-    flags = [f"--{k} {getattr(args, k)}" for k in ("hidden", "layers", "heads", "seq", "batch", "threads")
+    flags = [f"--{k.replace('_', '-')} {getattr(args, k)}"
+             for k in ("hidden", "layers", "heads", "seq", "batch", "threads", "cap_methods")
              if getattr(args, k) != p.get_default(k)]
     text = f"""
 ## Training step: lipformer + Muon + hard cap vs GPT2LMHeadModel + AdamW ({datetime.date.today()})
@@ -134,15 +145,15 @@ Machine: {machine()}.
 Equal shape for both: d {args.hidden}, {args.layers} layers, {args.heads} heads, MLP 4d, seq {args.seq}, batch {args.batch}
 ({tokens} tokens/step), vocab {args.vocab}, float32. Baseline: `transformers.GPT2LMHeadModel` (dropout 0, sdpa,
 tied head, biases and LayerNorms) + `torch.optim.AdamW`. lipformer: `LipformerForCausalLM` + `build_optimizer(model,
-"muon")` + `SpectralProjection` (hard_cap, polar) after every step. One step = forward + CE + backward + optimizer
+"muon")` + `SpectralProjection` (hard_cap by the method in the row's name) after every step. One step = forward + CE + backward + optimizer
 step + zero_grad (+ projection). Median of {args.repeats} interleaved steps after {args.warmup} warm-up steps each.
 
 {chr(10).join(rows)}
 
-- Speed goal ≥ 1.0× (tokens/s of lipformer over GPT2+AdamW): {'met' if speed >= 1.0 else '**missed**'} ({speed:.2f}×).
+- Speed goal ≥ 1.0× (tokens/s of lipformer over GPT2+AdamW), judged on `{lip}`: {'met' if speed >= 1.0 else '**missed**'} ({speed:.2f}×).
 - Projection share goal ≤ 10%: {'met' if share <= 0.10 else '**missed**'} ({share:.1%} of the lipformer step, median per step).
-  The projection's cost is per matrix and independent of the batch (two polar factors by Newton–Schulz
-  per matrix), so its share falls as tokens per step grow (a larger `--batch`/`--seq`, or grad accumulation).
+  The projection's cost is per matrix and independent of the batch, so its share falls as tokens
+  per step grow (a larger `--batch`/`--seq`, or grad accumulation).
 - Rerun: `.venv/bin/python scripts/bench_train_step.py{' ' + ' '.join(flags) if flags else ''}` (appends a new section here).
 """
     with open(args.append, "a") as f:

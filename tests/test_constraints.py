@@ -43,7 +43,7 @@ def train(model, optimizer, project, steps=8, seed=0):
     return losses
 
 
-@pytest.mark.parametrize("method", ["polar", "svd"])
+@pytest.mark.parametrize("method", ["auto", "eigh", "polar", "svd"])
 def test_hard_cap_after_every_adamw_step(method):
     model = tiny(cap_method=method)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)  # large steps: weights leave their caps

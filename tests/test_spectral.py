@@ -42,6 +42,38 @@ def test_hard_cap_svd_and_polar(shape, top, w_max):
     assert (svals(polar) - want).abs().max() <= 1e-3 * w_max
     # the singular vectors are kept: the capped matrix itself equals the SVD reference
     assert (polar.double() - exact.double()).abs().max() <= 1e-3 * w_max
+    # eigh is exact to rounding, not to an iteration tolerance
+    eigh = spectral.hard_cap(W, w_max, "eigh")
+    assert eigh.dtype == W.dtype and eigh.shape == W.shape
+    assert (svals(eigh) - want).abs().max() <= 1e-4 * w_max
+    assert (eigh.double() - exact.double()).abs().max() <= 1e-4 * w_max
+
+
+def test_hard_cap_eigh_leaves_directions_inside_the_cap_untouched():
+    sig = torch.cat([torch.tensor([3.0, 1.5]), torch.linspace(0.1, 0.9, 30)])
+    W = with_spectrum((48, 32), sig)
+    inside = with_spectrum((48, 32), torch.linspace(0.1, 0.9, 32))
+    assert torch.equal(spectral.hard_cap(inside, 1.0, "eigh"), inside)  # nothing above: same tensor values
+    capped = spectral.hard_cap(W, 1.0, "eigh")
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    # the part of W in the sub-cap singular directions is unchanged
+    tail = Vh[2:].T @ Vh[2:]
+    assert (capped.double() @ tail - W.double() @ tail).abs().max() < 1e-5
+
+
+def test_hard_cap_auto_is_eigh_on_cpu_and_polar_on_gpus():
+    assert spectral.resolve_cap_method("auto", "cpu") == "eigh"
+    assert spectral.resolve_cap_method("auto", "cuda") == "polar"
+    assert spectral.resolve_cap_method("svd", "cuda") == "svd"
+    W = with_spectrum((40, 40), torch.linspace(0.1, 3.0, 40))
+    assert torch.equal(spectral.hard_cap(W, 1.0), spectral.hard_cap(W, 1.0, "eigh"))
+
+
+def test_hard_cap_eigh_far_above_the_cap_switches_to_float64():
+    # σ up to 1e4·w_max: float32 eigenvalues near w² would be swamped by u·λ_max
+    W = with_spectrum((64, 64), torch.logspace(-2, 4, 64))
+    got = svals(spectral.hard_cap(W, 1.0, "eigh"))
+    assert (got - torch.clamp(svals(W), max=1.0)).abs().max() < 1e-4
 
 
 def test_hard_cap_polar_all_singular_values_near_the_cap():
@@ -53,7 +85,7 @@ def test_hard_cap_polar_all_singular_values_near_the_cap():
 def test_hard_cap_per_matrix_w_max_in_a_stack():
     W = with_spectrum((3, 32, 32), torch.linspace(0.1, 5.0, 32))
     w = torch.tensor([0.5, 1.0, 2.0])
-    for method in ("svd", "polar"):
+    for method in ("svd", "polar", "eigh"):
         tops = svals(spectral.hard_cap(W, w, method)).amax(-1)
         assert torch.allclose(tops, w.double(), atol=1e-3)
 
