@@ -222,7 +222,7 @@ Per kind of matrix (init: medians of the repeats; gaussian: the one pass):
 """
     with open(args.append, "a") as f:
         f.write(text)
-    print(f"appended to {{args.append}}")
+    print(f"appended to {args.append}")
 
 
 if __name__ == "__main__":
