@@ -58,6 +58,8 @@ def overrides(opt: str, constraint: str, size, s: dict, lr: float) -> list[str]:
          f"train.log_every={s['steps']}", "train.checkpoint_every=0"]
     if opt == "poet":
         o += ["model.linear=poet", f"train.merge_every={s['merge_every']}"]
+    if opt == "alto":  # batches of 16–64 sequences are ALTO's small-batch regime (α 0.5, β₁ 0.01)
+        o += ["train.optimizer_args.preset=small_batch"]
     return o
 
 

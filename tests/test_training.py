@@ -56,6 +56,25 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_path, optim
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_optimizer_args_reach_the_optimizer(corpus, tmp_path, monkeypatch):
+    import functools
+
+    import lipformer.optim.alto as alto
+
+    seen = {}
+    init = alto.ALTO.__init__
+
+    @functools.wraps(init)  # keeps the signature the recipe check reads
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(alto.ALTO, "__init__", spy)
+    r = recipe(corpus, "train.optimizer=alto", "train.lr=0.003", "train.optimizer_args.preset=small_batch")
+    run(r, tmp_path / "alto", max_steps=2, progress=False, log=lambda *a: None)
+    assert seen["preset"] == "small_batch"
+
+
 def test_output_folder_of_another_run_is_refused(corpus, tmp_path):
     run(recipe(corpus), tmp_path / "run", max_steps=2, progress=False, log=lambda *a: None)
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
@@ -107,6 +126,9 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(corpus, tmp_p
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.max_steps=abc"], "must be an integer"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "data.dataset=char_dir", "data.path={tmp}/none"], "{tmp}/none"),
     (["train", "--out", "{tmp}/a"], "one of the arguments --preset --config is required"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer_args.foo=1"], "['foo'] are not options of 'muon'"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer=alto", "train.optimizer_args.preset=huge"],
+     "unknown preset 'huge'"),
 ])
 def test_train_cli_bad_input(argv, message, tmp_path, capsys):
     from lipformer.cli import main

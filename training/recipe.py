@@ -34,6 +34,7 @@ class DataConfig:
 class TrainConfig:
     optimizer: str = "muon"
     lr: float = 0.02
+    optimizer_args: dict = field(default_factory=dict)  # more constructor options, e.g. {preset = "small_batch"}
     companion: str = "adamw"            # embedding / non-matrix optimizer inside the same object
     companion_lr: float = 3e-3
     weight_decay: float = 0.0
@@ -104,6 +105,8 @@ def _coerce(section: str, cls, values: dict):
             raise RecipeError(f"[{section}] {key} must be a string, got {value!r}")
         if isinstance(default, list) and not isinstance(value, list):
             raise RecipeError(f"[{section}] {key} must be a list such as [0.001, 0.01], got {value!r}")
+        if isinstance(default, dict) and not isinstance(value, dict):
+            raise RecipeError(f"[{section}] {key} must be a table such as {{ preset = \"small_batch\" }}, got {value!r}")
         out[key] = value
     return cls(**out)
 
@@ -130,9 +133,35 @@ def _check_train(t: TrainConfig) -> None:
         raise RecipeError(f"[train] schedule must be cosine, linear or constant, got {t.schedule!r}")
     if t.dtype not in ("float32", "bfloat16"):
         raise RecipeError(f"[train] dtype must be float32 or bfloat16, got {t.dtype!r}")
+    _check_optimizer_args(t)
     radii = t.certify_radii
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in radii):
         raise RecipeError(f"[train] certify_radii must be a list of positive numbers, got {radii!r}")
+
+
+# set by the trainer from other [train] keys, so not allowed in optimizer_args
+_OWNED_ARGS = {"lr", "weight_decay", "companion", "companion_lr", "params"}
+
+
+def _check_optimizer_args(t: TrainConfig) -> None:
+    """Names and values of optimizer_args, checked on a throw-away parameter before any work."""
+    import inspect
+
+    import torch
+
+    from lipformer.optim import optimizer_class
+
+    cls = optimizer_class(t.optimizer)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"} - _OWNED_ARGS
+    bad = sorted(k for k in t.optimizer_args if k not in accepted)
+    if bad:
+        raise RecipeError(f"[train] optimizer_args {bad} are not options of {t.optimizer!r}; "
+                          f"valid: {', '.join(sorted(accepted))} (lr, weight_decay, companion: set them directly)")
+    extra = {"total_steps": t.max_steps} if t.optimizer in ("lpsgd", "lpsgdm") else {}
+    try:
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=t.lr, **{**extra, **t.optimizer_args})
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"[train] optimizer_args for {t.optimizer!r}: {' '.join(str(exc).split())}") from None
 
 
 def _check_model(model: dict) -> None:
@@ -174,7 +203,12 @@ def load_recipe(preset: str | None = None, config_file: str | None = None,
         if not sep or not dot or section not in ("model", "data", "train") or not name:
             raise RecipeError(f"override {item!r} must look like model.KEY=VALUE, data.KEY=VALUE or train.KEY=VALUE")
         target = raw.setdefault(section, {})
-        if section == "model" and name.startswith("w_max."):
+        if section == "train" and name.startswith("optimizer_args."):
+            args = target.setdefault("optimizer_args", {})
+            if not isinstance(args, dict):
+                raise RecipeError(f"override {item!r}: [train] optimizer_args is {args!r}, not a table")
+            args[name[len("optimizer_args."):]] = _parse_value(value)
+        elif section == "model" and name.startswith("w_max."):
             number = _parse_value(value)
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 raise RecipeError(f"override {item!r}: w_max caps are numbers, e.g. model.w_max.q=0.5")

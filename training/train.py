@@ -249,9 +249,13 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         model = LipformerForCausalLM(config)
     model.to(device).train()
     extra = {"total_steps": t.max_steps} if t.optimizer in ("lpsgd", "lpsgdm") else {}  # p anneals over the run
-    optimizer = build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, **extra,
-                                **({} if t.optimizer == "adamw" else {"companion": t.companion,
-                                                                      "companion_lr": t.companion_lr}))
+    extra.update(t.optimizer_args)
+    try:
+        optimizer = build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, **extra,
+                                    **({} if t.optimizer == "adamw" else {"companion": t.companion,
+                                                                          "companion_lr": t.companion_lr}))
+    except (TypeError, ValueError) as exc:  # a bad value in optimizer_args (names were checked earlier)
+        raise RecipeError(f"[train] optimizer {t.optimizer!r}: {' '.join(str(exc).split())}") from None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     project = SpectralProjection(model, optimizer)
     start = 0

@@ -57,6 +57,13 @@ def param_groups(model: nn.Module, companion: str = "adamw", companion_lr: float
     return groups
 
 
+def optimizer_class(name: str) -> type:
+    """The class `build_optimizer(model, name)` constructs (torch.optim.AdamW for "adamw")."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
+    return torch.optim.AdamW if name == "adamw" else _CLASSES[name]
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float | None = None, *, companion: str = "adamw",
                     companion_lr: float | None = None, companion_options: dict[str, Any] | None = None,
                     **kw: Any) -> torch.optim.Optimizer:
@@ -82,6 +89,6 @@ def build_optimizer(model: nn.Module, name: str, lr: float | None = None, *, com
 __all__ = [
     "ALTO", "COMPANIONS", "COMPANION_DEFAULTS", "CompanionOptimizer", "EAdaptor", "E_PRESETS", "LPSGD",
     "LPSGDM", "Lamb", "Muon", "OPTIMIZERS", "ROOT", "ROOT_COEFFICIENTS", "annealed_p", "build_optimizer",
-    "fit_coefficients", "lp_direction", "param_groups", "root_coefficients", "schedule_gain",
+    "fit_coefficients", "lp_direction", "optimizer_class", "param_groups", "root_coefficients", "schedule_gain",
     "suppress_outliers", "update_scale",
 ]
