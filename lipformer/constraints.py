@@ -6,6 +6,8 @@
 Which weight gets which cap comes from the modules themselves (`CappedLinear.sigma_cap`, the
 embedding's row-RMS bound), so a per-kind `w_max` in the config is honoured everywhere. The
 certificate never trusts this step: it measures the weights afterwards (`sigma_upper`).
+Weights sharded by FSDP2 (DTensors) are capped as whole matrices: each on one rank, every rank
+keeping its own rows (`lipformer.sharding`); the call is then a collective.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import spectral
+from . import sharding, spectral
 from .config import CAP_METHODS, CONSTRAINTS
 from .nn import CappedLinear, MaxRMSEmbedding
 
@@ -65,13 +67,39 @@ class SpectralProjection:
     def __call__(self) -> None:
         if self.constraint == "none":
             return
+        capped = []
         for module in self.modules:
             if isinstance(module, MaxRMSEmbedding):
+                # row by row: a DTensor sharded by rows (FSDP2) clips its own rows, nothing to gather
                 clip_rows_rms(module.weight, module.w_max)
             else:
-                module.weight.copy_(self._project(module.weight, module.sigma_cap))
+                capped.append(module)
+        weights = [m.weight for m in capped]
+        # Every rank asks for the soft cap's step bounds here, before any work is dealt out below:
+        # for a DTensor a bound may be a collective (Lamb's weight norm).
+        steps = [self._step_bound(W) for W in weights]
+        shards = sharding.mesh_shards(weights, "SpectralProjection")
+        if shards is None:
+            for m, W, step in zip(capped, weights, steps):
+                W.copy_(self._project(W, m.sigma_cap, step))
+            return
+        # FSDP2: a cap of a block of rows is not the block of the capped matrix. Each full matrix is
+        # capped on one rank (round-robin) and every rank writes back its own rows of the result, so
+        # the shards always come from one and the same capped matrix.
+        def project_one(i: int, whole: torch.Tensor) -> torch.Tensor:
+            return self._project(whole, capped[i].sigma_cap, steps[i])
 
-    def _project(self, W: torch.Tensor, cap: float) -> torch.Tensor:
+        for i, W in sharding.sharded_map(project_one, weights, *shards):
+            weights[i].copy_(sharding.local_part(W, weights[i]))
+
+    def _step_bound(self, W: torch.Tensor) -> tuple[float, float]:
+        """(max_update_norm, decay) of the optimizer's next step on W, for the soft cap's α."""
+        step_bound = getattr(self.optimizer, "step_bound", None)
+        if self.constraint != "soft_cap" or step_bound is None:
+            return math.inf, 0.0
+        return step_bound(W)
+
+    def _project(self, W: torch.Tensor, cap: float, step: tuple[float, float]) -> torch.Tensor:
         if self.constraint == "hard_cap":
             return spectral.hard_cap(W, cap, self.method)
         if self.constraint == "normalize":
@@ -80,11 +108,10 @@ class SpectralProjection:
             return spectral.spectral_hammer(W, cap)
         if self.constraint == "spectral_wd":
             return spectral.spectral_weight_decay(W, self.spectral_wd)
-        return self._soft_cap(W, cap)
+        return self._soft_cap(W, cap, step)
 
-    def _soft_cap(self, W: torch.Tensor, cap: float) -> torch.Tensor:
-        step_bound = getattr(self.optimizer, "step_bound", None)
-        eta, decay = step_bound(W) if step_bound is not None else (math.inf, 0.0)
+    def _soft_cap(self, W: torch.Tensor, cap: float, step: tuple[float, float]) -> torch.Tensor:
+        eta, decay = step
         try:
             if math.isfinite(eta):
                 alpha = spectral.soft_cap_alpha(cap, eta, decay)

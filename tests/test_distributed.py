@@ -5,6 +5,8 @@
 * DDP with 2 processes at per-rank batch B follows the 1-process batch-2B loss trajectory.
 * A DDP run stopped and resumed ends bit-identical to an uninterrupted DDP run; only rank 0 writes.
 * `torchrun --nproc_per_node 2 -m lipformer.cli train` trains end to end.
+* FSDP2 (`train.parallel=fsdp`): every optimizer and constraint on row-sharded DTensors gives the
+  unsharded result; 2 processes follow the 1-process run, cap the whole matrices, and resume exactly.
 """
 
 import json
@@ -16,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from training.data import build_char_corpus
 
@@ -234,3 +237,150 @@ def test_torchrun_cli_trains_with_two_processes(corpus, tmp_path):
     assert (out / "final" / "certified_accuracy.json").is_file()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["tokens"] == 4 * 2 * 8 * 32  # 4 steps × 2 ranks × batch 8 × 32 positions
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2: parameters as DTensors sharded by rows
+
+# (optimizer, constraint): every optimizer of lipformer.optim, each constraint kind that needs the
+# optimizer (soft_cap asks for step_bound, Lamb's gathers a norm) or the whole matrix
+FSDP_CASES = [("muon", "hard_cap"), ("root", "soft_cap"), ("adamw", "normalize"), ("lpsgd", "hammer"),
+              ("lpsgdm", "spectral_wd"), ("lamb", "soft_cap"), ("alto", "hard_cap")]
+
+
+def _fsdp_model():
+    from lipformer import LipformerConfig, LipformerForCausalLM
+    torch.manual_seed(0)
+    # vocab 67: 34 + 33 rows, uneven shards of the embedding and head
+    return LipformerForCausalLM(LipformerConfig(vocab_size=67, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=32))
+
+
+def _run_fsdp_case(name, constraint, shard=None, steps=3):
+    """Weights and optimizer state after `steps` steps on seeded full-size gradients (+ projection)."""
+    from lipformer.constraints import SpectralProjection
+    from lipformer.optim import build_optimizer
+    from lipformer.sharding import local_part
+    from training import distributed as dist_utils
+    model = _fsdp_model()
+    if shard is not None:
+        shard(model)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+    companion = {} if name == "adamw" else {"companion": "colnorm" if name == "muon" else "adamw"}
+    extra = {"total_steps": 4} if name.startswith("lpsgd") else {}
+    opt = build_optimizer(model, name, **companion, **extra)
+    project = SpectralProjection(model, opt, constraint=constraint)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(10 + step)
+        for p in model.parameters():  # the same "reduced" gradient, whole or as this rank's rows
+            p.grad = local_part(torch.randn(p.shape, generator=g) * 0.1, p)
+        opt.step()
+        project()
+    weights = dist_utils.gather_full(model.state_dict()) if shard else model.state_dict()
+    state = dist_utils.gather_full(opt.state_dict()) if shard else opt.state_dict()
+    return weights, state
+
+
+def _fsdp_optim_worker(rank, init_method, tmp):
+    _init(rank, init_method)
+    from training import distributed as dist_utils
+    results = {}
+    for name, constraint in FSDP_CASES:
+        results[name] = _run_fsdp_case(name, constraint,
+                                       shard=lambda m: dist_utils.shard_model(m, m.model.layers, torch.device("cpu")))
+    if rank == 0:
+        torch.save(results, os.path.join(tmp, "fsdp-optim.pt"))
+    _exit_worker()
+
+
+def _tensors(tree):
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for k in sorted(tree, key=str) for t in _tensors(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
+def test_fsdp_optimizers_and_projection_use_whole_matrices(tmp_path):
+    """Every optimizer + a projection on FSDP2-sharded parameters gives the unsharded result: bit for bit
+    where the update is elementwise or computed on the gathered matrix, to rounding where Lamb's norms
+    are summed over shards."""
+    _spawn(_fsdp_optim_worker, tmp_path)
+    got = torch.load(tmp_path / "fsdp-optim.pt", weights_only=True)
+    torch.set_num_threads(1)
+    for name, constraint in FSDP_CASES:
+        weights, state = _run_fsdp_case(name, constraint)
+        sharded_weights, sharded_state = got[name]
+        assert weights.keys() == sharded_weights.keys()
+        exact = name not in ("lamb", "alto")
+        for k in weights:
+            if exact:
+                assert torch.equal(weights[k], sharded_weights[k]), (name, k)
+            else:
+                torch.testing.assert_close(sharded_weights[k], weights[k], rtol=1e-5, atol=1e-6)
+        a, b = _tensors(state), _tensors(sharded_state)
+        assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b)), name
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=0 if exact else 1e-4, atol=0 if exact else 1e-6)
+
+
+def _fsdp_worker(rank, init_method, tmp, corpus):
+    _init(rank, init_method)
+    from training.train import run
+    r = _recipe(corpus, "train.batch_size=8", "train.parallel=fsdp")
+    result = run(r, os.path.join(tmp, "fsdp"), progress=False, log=_quiet)
+    run(r, os.path.join(tmp, "split"), max_steps=3, progress=False, log=_quiet)
+    run(r, os.path.join(tmp, "split"), resume=True, progress=False, log=_quiet)
+    with open(os.path.join(tmp, f"result-{rank}.json"), "w") as f:
+        json.dump(result, f)
+    _exit_worker()
+
+
+def test_fsdp_two_processes_match_one_process_and_resume_exactly(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from lipformer import LipformerForCausalLM
+    from lipformer.nn import CappedLinear
+    from training.train import run
+    torch.set_num_threads(1)
+    single = run(_recipe(corpus, "train.batch_size=16"), tmp_path / "single", progress=False, log=_quiet)
+    _spawn(_fsdp_worker, tmp_path, corpus)
+    r0, r1 = (json.loads((tmp_path / f"result-{r}.json").read_text()) for r in range(WORLD))
+    assert r0 == r1
+
+    a, b = _rows(tmp_path / "single"), _rows(tmp_path / "fsdp")
+    assert [r["step"] for r in b] == list(range(1, 9)) and [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]),
+                               rtol=1e-4, atol=0)
+    for x, y in zip([r for r in a if "val_loss" in r], [r for r in b if "val_loss" in r]):
+        assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4)
+        assert y["lipschitz_total"] == pytest.approx(x["lipschitz_total"], rel=1e-3)
+    assert r0["positions"] == single["positions"]
+    assert r0["lipschitz_total"] == pytest.approx(single["lipschitz_total"], rel=1e-3)
+
+    # rank 0's folders are plain HF folders; weights as one process trains them (Muon's bf16 NS: 5e-3)
+    wa = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert float((wb[k] - wa[k]).norm() / wa[k].norm()) < 5e-3, k
+    model = LipformerForCausalLM.from_pretrained(tmp_path / "fsdp" / "final")
+    assert all(torch.equal(p, wb[k]) for k, p in model.state_dict().items())
+    for m in model.modules():  # the projection capped the whole matrices, not their shards
+        if isinstance(m, CappedLinear):
+            assert float(torch.linalg.svdvals(m.weight.detach().double())[0]) <= m.sigma_cap * (1 + 1e-3)
+    # stopped at 3 and resumed: bit-identical (full weights and optimizer state round-trip exactly)
+    ws = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
+    assert all(torch.equal(ws[k], wb[k]) for k in wb)
+    assert [r["step"] for r in _rows(tmp_path / "split")] == list(range(1, 9))
+
+
+def test_parallel_switch_is_validated(corpus):
+    from training.recipe import RecipeError
+    assert _recipe(corpus).train.parallel == "ddp"
+    with pytest.raises(RecipeError, match=r"^\[train\] parallel must be ddp or fsdp, got 'zero'$"):
+        _recipe(corpus, "train.parallel=zero")
+    with pytest.raises(RecipeError, match="parallel=fsdp does not support model.linear=poet"):
+        _recipe(corpus, "train.parallel=fsdp", "model.linear=poet")

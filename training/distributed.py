@@ -1,4 +1,4 @@
-"""Distributed data-parallel training: process-group setup and the few collectives the trainer needs.
+"""Distributed training (DDP or FSDP2): process-group setup and the few collectives the trainer needs.
 
 torchrun starts the processes; nothing here spawns any. On one machine with two processes:
 
@@ -20,6 +20,28 @@ What a run does with W processes (see `training.train.run`):
 * logged train loss, val loss/accuracy and activation maxima are reduced over the ranks;
 * only rank 0 writes run.json, metrics, checkpoints and final/; a resumed run loads the checkpoint
   on every rank. The returned result dict is rank 0's, on every rank.
+
+FSDP2, for models too large to replicate (`train.parallel=fsdp`; one process trains the plain
+model either way): `shard_model` applies `torch.distributed.fsdp.fully_shard` to each transformer
+block, then to the root (embedding and head), on a 1-D mesh over all ranks. Parameters, gradients
+and optimizer state are then DTensors of which each rank holds 1/W of the rows (dim 0); gradients
+are reduce-scattered after every micro-batch. What still sees whole matrices:
+
+* Muon/ROOT's Newton–Schulz and the projection step's caps, being functions of the whole matrix:
+  each matrix is gathered in turn, computed on one rank (round-robin) and every rank keeps its rows
+  of the result (`lipformer.sharding`); the compute is still divided by W. Cost per step: two
+  all-gathers of every matrix for Muon and two for the caps (about twice FSDP's own traffic), and
+  about 2·W whole matrices held at a time (the results of two rounds) — some hundreds of MB for a
+  1B model at W = 8, fine next to its activations; far larger models would want a smarter scheme.
+* the eval bounds, checkpoints, final/ and its certificate: `gather_full` collects the full state
+  dict on rank 0's CPU (one model copy; at a checkpoint the optimizer state too) and rank 0 works
+  on a plain model built from it. Checkpoints are the same HF folder + trainer_state.pt as without
+  FSDP, so a run can be resumed in either mode; `shard_optimizer_state` slices the loaded state.
+* elementwise updates (AdamW, LPSGD, Lamb, the companions, the embedding's row clip) run on the
+  shards as they are; Lamb's norms are DTensor reductions, hence global.
+
+    torchrun --standalone --nproc_per_node 8 -m lipformer.cli train --preset gpt2-small --out runs/g \\
+        data.dataset=shards data.path='fineweb10B/*_train_*.bin' train.parallel=fsdp
 """
 
 from __future__ import annotations
@@ -31,6 +53,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def info() -> tuple[int, int]:
@@ -125,3 +148,53 @@ def on_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
     if kind == "error":
         raise (error if error is not None else value)
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+
+def shard_model(model: torch.nn.Module, blocks, device: torch.device) -> None:
+    """FSDP2: `fully_shard` each block (one block's weights are whole at a time in forward and
+    backward), then the root (embedding, head), on a 1-D mesh over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def gather_full(obj: Any) -> Any:
+    """`obj` (a state dict: nested dicts/lists of tensors) with every DTensor replaced by its full
+    value on CPU, on rank 0; None on the other ranks. A collective: every rank calls it with the
+    same structure (DTensors in the same order); only rank 0 keeps what is gathered."""
+    rank, _ = info()
+
+    def walk(x):
+        if isinstance(x, DTensor):
+            whole = x.full_tensor()  # an all-gather on every rank, one tensor at a time
+            return whole.cpu() if rank == 0 else None
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    out = walk(obj)
+    return out if rank == 0 else None
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After `optimizer.load_state_dict(full_state)` on every rank: each state tensor shaped like its
+    DTensor parameter becomes a DTensor holding this rank's part (sliced locally, no communication).
+    Scalars such as step counts stay plain. A wrapped base optimizer's state (EAdaptor) too."""
+    from lipformer.sharding import local_part
+
+    for opt in (optimizer, getattr(optimizer, "base", None)):
+        for p, state in (opt.state.items() if opt is not None else ()):
+            if not isinstance(p, DTensor):
+                continue
+            for key, value in state.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
+                    state[key] = local_part(value.to(p.device), p)

@@ -51,6 +51,7 @@ class TrainConfig:
     merge_every: int = 0                # POET: merge_then_reinitialize every N steps (0: never)
     dtype: str = "float32"              # "bfloat16": autocast (CPU or CUDA); certificates stay float64
     compile: bool = False               # torch.compile on CUDA
+    parallel: str = "ddp"               # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2-sharded, large models)
     seed: int = 0
     certify_radii: list = field(default_factory=lambda: [0.001, 0.003, 0.01])
 
@@ -133,6 +134,8 @@ def _check_train(t: TrainConfig) -> None:
         raise RecipeError(f"[train] schedule must be cosine, linear or constant, got {t.schedule!r}")
     if t.dtype not in ("float32", "bfloat16"):
         raise RecipeError(f"[train] dtype must be float32 or bfloat16, got {t.dtype!r}")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise RecipeError(f"[train] parallel must be ddp or fsdp, got {t.parallel!r}")
     _check_optimizer_args(t)
     radii = t.certify_radii
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in radii):
@@ -225,5 +228,8 @@ def load_recipe(preset: str | None = None, config_file: str | None = None,
     _check_model(model)
     train = _coerce("train", TrainConfig, raw.get("train", {}))
     _check_train(train)
+    if train.parallel == "fsdp" and model.get("linear") == "poet":
+        raise RecipeError("[train] parallel=fsdp does not support model.linear=poet (POET's merge step needs "
+                          "unsharded parameters); use train.parallel=ddp")
     return RunConfig(model=model, data=_coerce("data", DataConfig, raw.get("data", {})), train=train,
                      name=preset or path.stem)

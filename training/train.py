@@ -152,7 +152,7 @@ def certified_accuracy(model, val, radii, batches: int = 4) -> dict:
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, train_data, step: int) -> None:
+def save_checkpoint(out: Path, model, tokenizer, optimizer_state: dict, scheduler, train_data, step: int) -> None:
     """Write OUT/checkpoint atomically: build a temp folder, then swap it in by renames.
 
     A crash at any point leaves either the old or the new checkpoint complete (`checkpoint.old`
@@ -163,7 +163,7 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, train_dat
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "data": train_data.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / STATE_NAME)
         _fsync_dir(tmp)
     except BaseException:  # e.g. disk full: the previous checkpoint is untouched, drop the partial one
@@ -186,6 +186,20 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def full_model(model) -> LipformerForCausalLM | None:
+    """A plain LipformerForCausalLM with the full weights of an FSDP2-sharded `model`, on rank 0's CPU;
+    None on the other ranks. A collective: every rank calls it."""
+    state = dist_utils.gather_full(model.state_dict())
+    if state is None:
+        return None
+    with torch.device("meta"):  # no init work: every tensor is replaced by its gathered value
+        plain = LipformerForCausalLM(model.config)
+    plain.load_state_dict(state, assign=True)  # the gathered tensors themselves: bit-identical
+    if any(b.is_meta for b in plain.buffers()):  # a buffer outside the state dict would stay empty
+        raise RuntimeError("full_model: the model has non-persistent buffers; it cannot be rebuilt from its state dict")
+    return plain.train(model.training)
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -248,6 +262,9 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     else:
         model = LipformerForCausalLM(config)
     model.to(device).train()
+    fsdp = world > 1 and t.parallel == "fsdp"
+    if fsdp:  # before the optimizer is built, so that it holds the sharded (DTensor) parameters
+        dist_utils.shard_model(model, model.model.layers, device)
     extra = {"total_steps": t.max_steps} if t.optimizer in ("lpsgd", "lpsgdm") else {}  # p anneals over the run
     extra.update(t.optimizer_args)
     try:
@@ -262,6 +279,8 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE_NAME, weights_only=True)  # tensors and numbers only: no pickle code
         optimizer.load_state_dict(state["optimizer"])
+        if fsdp:  # every rank loaded the full state: keep this rank's rows
+            dist_utils.shard_optimizer_state(optimizer)
         scheduler.load_state_dict(state["scheduler"])
         train_data.load_state_dict(state["data"])
         torch.set_rng_state(state["torch_rng"])
@@ -269,11 +288,22 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         if main:
             log(f"resumed from {checkpoint} at step {start}")
     forward = ddp = model
-    if world > 1:  # every rank starts from the same weights (same seed or checkpoint); DDP checks it
+    if world > 1 and not fsdp:  # every rank starts from the same weights (same seed or checkpoint); DDP checks it
         forward = ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile and device.type == "cuda":
         forward = torch.compile(forward)
+
+    def save(step: int):
+        """Rank 0 writes OUT/checkpoint; returns the plain model it saved (None on other ranks).
+        Under FSDP2 every rank takes part in gathering the full weights and optimizer state."""
+        if fsdp:
+            plain, optimizer_state = full_model(model), dist_utils.gather_full(optimizer.state_dict())
+        else:
+            plain, optimizer_state = (model, optimizer.state_dict()) if main else (None, None)
+        if main:
+            save_checkpoint(out, plain, tokenizer, optimizer_state, scheduler, train_data, step)
+        return plain
 
     stop = min(t.max_steps, max_steps) if max_steps is not None else t.max_steps
     metrics = open(out / "metrics.jsonl", "a") if main else None
@@ -288,8 +318,9 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         loss_sum = 0.0
         for micro in range(t.grad_accum):
             x, y = (v.to(device) for v in train_data.next_batch())
-            # DDP: gradients are all-reduced on the last micro-batch only
-            with ddp.no_sync() if world > 1 and micro + 1 < t.grad_accum else contextlib.nullcontext():
+            # DDP: gradients are all-reduced on the last micro-batch only (FSDP2 reduce-scatters each
+            # one: accumulating whole gradients instead would cost a full model per rank)
+            with ddp.no_sync() if ddp is not model and micro + 1 < t.grad_accum else contextlib.nullcontext():
                 with _autocast(t.dtype, device):
                     logits = forward(x, use_cache=False).logits
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
@@ -310,7 +341,11 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         record = {"step": done, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                   "tokens": done * tokens_per_step, "elapsed": time.time() - t0}
         if t.eval_every and (done % t.eval_every == 0 or done == stop):
-            bounds = model.bounds()
+            if fsdp:  # bounds need whole matrices: rank 0 computes them on a gathered copy
+                plain = full_model(model)
+                bounds = dist_utils.on_main(lambda: plain.bounds())
+            else:
+                bounds = model.bounds()
             monitor = ActivationMonitor(model, policy="warn", bounds=bounds)  # records during eval
             record.update(evaluate(model, val_data, t.eval_batches, t.dtype, device))
             monitor.remove()
@@ -325,17 +360,17 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
                 steps.set_postfix(loss=f"{loss_sum:.3f}", **({"val_acc": f"{record['val_acc']:.3f}"}
                                                             if "val_acc" in record else {}))
         last = record
-        if main and t.checkpoint_every and done % t.checkpoint_every == 0 and done < stop:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, train_data, done)
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < stop:
+            save(done)
+    plain = save(stop)
     if main:
-        save_checkpoint(out, model, tokenizer, optimizer, scheduler, train_data, stop)
         metrics.close()
     result = dict(last)
     if main and stop == t.max_steps:
         # certified accuracy on the global val batch (rank 0's rows alone would be a subset)
         final_val = val_data if world == 1 else D.TokenDataset(
             val_data.files, t.batch_size * world, val_data.seq_len, seed=val_data.seed, shuffle=val_data.shuffle)
-        result.update(_finish(out, model, tokenizer, final_val, t))
+        result.update(_finish(out, plain, tokenizer, final_val, t))
     if world > 1:  # rank 0's result on every rank, once its files are written
         result = dist_utils.on_main(lambda: result)
     return result

@@ -207,7 +207,8 @@ class CompanionOptimizer(Optimizer):
         """(max_update_norm, decay) with W_new = (1 − decay)·W_old + U and σ_max(U) ≤ max_update_norm.
 
         Raw σ units of p, for the *next* step at the groups' current lr. `math.inf` means the
-        algorithm has no a-priori bound on its update (AdamW, l_p descent).
+        algorithm has no a-priori bound on its update (AdamW, l_p descent). For a DTensor p (FSDP2)
+        it is the whole matrix's bound, and every rank must ask (Lamb's gathers a norm).
         """
         group = self.group_of(p)
         lr = float(group["lr"])

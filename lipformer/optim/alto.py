@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..sharding import full
 from ._common import CompanionOptimizer, adam_moments, check, check_beta, check_common, grads_of
 
 E_PRESETS: dict[str, dict[str, float]] = {
@@ -127,6 +128,8 @@ def lamb_update(p: Tensor, grad: Tensor, state: dict, *, lr: float, betas: tuple
     r = m_hat / (v_hat.sqrt() + eps)
     if weight_decay != 0.0:
         r.add_(p, alpha=weight_decay)
+    # On DTensors (FSDP2) these norms come out global — DTensor reduces them over the shards — so
+    # the trust ratio is the whole tensor's, as on one process.
     w_norm, r_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(r)
     # Tensor ops, no .item(): no host sync on GPU.
     ratio = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
@@ -171,7 +174,8 @@ class Lamb(CompanionOptimizer):
     def _main_step_bound(self, p: Tensor, group: dict) -> tuple[float, float]:
         # ratio ≤ ‖w‖/‖r‖ ⇒ ‖U‖_F = lr·ratio·‖r‖ ≤ lr·‖w‖_F ≥ σ_max(U). The decay is inside r.
         # With w = 0 the ratio is 1 and nothing bounds r.
-        w = float(torch.linalg.vector_norm(p.detach().double()))
+        # full(): float() of a DTensor's norm would give this rank's shard alone; the whole norm is a collective
+        w = float(full(torch.linalg.vector_norm(p.detach().double())))
         return (float(group["lr"]) * w * (1 + 1e-6) if w > 0 else math.inf), 0.0
 
 

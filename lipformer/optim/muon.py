@@ -14,13 +14,14 @@ bounds σ_max of the update.
 from __future__ import annotations
 
 import math
-from functools import lru_cache, reduce
+from functools import lru_cache
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..sharding import local_part, mesh_shards, sharded_map
 from ..spectral import CLASSIC, Schedule, coefficient_schedule, orthogonalize
 from ._common import CompanionOptimizer, check, check_beta, check_common, grads_of, tensors_of
 
@@ -135,7 +136,8 @@ class Muon(CompanionOptimizer):
         distributed: shard the orthogonalization across the ranks of `process_group`. None
             (default): on when a torch.distributed group with more than one rank is initialized at
             step time; True: required (error without a group); False: never. See below.
-        process_group: the group to shard across (default: the world).
+        process_group: the group to shard across (default: the world). Neither applies to
+            DTensor parameters (FSDP2), which always shard over their own device mesh.
 
     Sharded orthogonalization (DDP): every rank holds the same averaged gradients, so every rank
     updates every momentum buffer identically (the state dict stays complete on each rank). The
@@ -145,6 +147,12 @@ class Muon(CompanionOptimizer):
     sees exactly the arithmetic of the unsharded path, so the result is bit-identical to it; the
     Newton–Schulz work per rank drops by the world size. Every rank must call `step()` (it is a
     collective) with the same gradients present.
+
+    FSDP2 (DTensor parameters, each rank holding a block of rows): Newton–Schulz of a block is not
+    the block of Newton–Schulz, so the full matrix is needed. The momentum stays sharded like its
+    parameter; the same round-robin runs on each full momentum (`lipformer.sharding.sharded_map`
+    gathers it), and every rank applies only its own rows of the update. The update of each matrix
+    is the unsharded path's arithmetic on the full matrix.
     """
 
     algorithm = "muon"
@@ -188,24 +196,32 @@ class Muon(CompanionOptimizer):
     def _preprocess(self, group: dict):
         return None
 
-    def _shards(self) -> tuple[int, int]:
-        """(rank, world) the orthogonalization is sharded over; (0, 1) when it is not."""
+    def _shards(self, params: list[Tensor]):
+        """(rank, world, process group) the orthogonalization is sharded over; None when it is not.
+
+        DTensor parameters (FSDP2) always shard over their device mesh, whatever `distributed` says:
+        their full matrices must be gathered anyway, and that is a collective.
+        """
+        mesh = mesh_shards(params, type(self).__name__)
+        if mesh is not None:
+            return mesh
         if self.distributed is False:
-            return 0, 1
+            return None
         ready = dist.is_available() and dist.is_initialized()
         if not ready:
             if self.distributed:
                 raise RuntimeError(f"{type(self).__name__}(distributed=True) needs an initialized "
                                    "torch.distributed process group (torch.distributed.init_process_group)")
-            return 0, 1
-        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+            return None
+        world = dist.get_world_size(self.process_group)
+        return (dist.get_rank(self.process_group), world, self.process_group) if world > 1 else None
 
     def _main_step(self, group: dict) -> None:
         pre = self._preprocess(group)
         pairs = grads_of(group, type(self).__name__)
-        rank, world = self._shards()
-        if world > 1:
-            self._sharded_step(group, pairs, pre, rank, world)
+        shards = self._shards([p for p, _ in pairs])
+        if shards is not None:
+            self._sharded_step(group, pairs, pre, *shards)
             return
         for p, g in pairs:
             state = self.state[p]
@@ -217,40 +233,27 @@ class Muon(CompanionOptimizer):
                         ns_steps=group["ns_steps"], eps=group["eps"],
                         adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"], preprocess=pre)
 
-    def _sharded_step(self, group: dict, pairs: list[tuple[Tensor, Tensor]], pre, rank: int, world: int) -> None:
+    def _sharded_step(self, group: dict, pairs: list[tuple[Tensor, Tensor]], pre, rank: int, world: int,
+                      process_group) -> None:
         """`muon_update` for every pair, with each matrix orthogonalized on rank (index % world) only."""
         inputs = []
-        for p, g in pairs:  # every rank: the momentum (identical everywhere, keeps the state complete)
+        for p, g in pairs:  # every rank: the momentum (DDP: identical everywhere; FSDP2: this rank's rows)
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
             inputs.append(muon_momentum(g, state["momentum_buffer"], momentum=group["momentum"],
                                         nesterov=group["nesterov"]))
-        pending = []
-        for base in range(0, len(pairs), world):  # one round: matrix base + r belongs to rank r
-            chunk = list(range(base, min(base + world, len(pairs))))
-            # The gather buffer's dtype holds each update's dtype exactly (e.g. bf16 and fp32 → fp32).
-            dtype = reduce(torch.promote_types, (inputs[i].dtype for i in chunk))
-            size = max(inputs[i].numel() for i in chunk)
-            device = inputs[chunk[0]].device
-            mine = torch.zeros(size, dtype=dtype, device=device)
-            if base + rank < len(pairs):
-                i = base + rank
-                update = muon_orthogonalize(inputs[i], ns_coefficients=self._coefficients(pairs[i][0], group),
-                                            ns_steps=group["ns_steps"], eps=group["eps"],
-                                            ns_dtype=group["ns_dtype"], preprocess=pre)
-                mine[:update.numel()].copy_(update.reshape(-1))
-            gathered = [torch.empty(size, dtype=dtype, device=device) for _ in range(world)]
-            work = dist.all_gather(gathered, mine, group=self.process_group, async_op=True)
-            pending.append((work, chunk, gathered))  # the next round's NS overlaps this transfer
+
+        def orthogonalize_one(i: int, whole: Tensor) -> Tensor:  # on the owner, on the full matrix
+            return muon_orthogonalize(whole, ns_coefficients=self._coefficients(pairs[i][0], group),
+                                      ns_steps=group["ns_steps"], eps=group["eps"], ns_dtype=group["ns_dtype"],
+                                      preprocess=pre)
+
         lr = float(group["lr"])
-        for work, chunk, gathered in pending:
-            work.wait()
-            for r, i in enumerate(chunk):
-                p, g = pairs[i]
-                update = gathered[r][:g.numel()].view(g.shape).to(inputs[i].dtype)
-                muon_apply(p, update, lr=lr, weight_decay=group["weight_decay"],
-                           adjust_lr_fn=group["adjust_lr_fn"])
+        for i, update in sharded_map(orthogonalize_one, inputs, rank, world, process_group):
+            p = pairs[i][0]
+            muon_apply(p, local_part(update, p), lr=lr, weight_decay=group["weight_decay"],
+                       adjust_lr_fn=group["adjust_lr_fn"])
 
     def _main_step_bound(self, p: Tensor, group: dict) -> tuple[float, float]:
         lr = float(group["lr"])
