@@ -204,7 +204,7 @@ def sigma_upper(W: Tensor) -> Tensor:
     A Cholesky certificate (docs/lipschitz.md §1): λ_max(WᵀW) ≤ μ exactly when μI − WᵀW is
     positive semidefinite, and a float64 Cholesky factorization that runs to completion proves
     that up to a rounding term with a known constant (Higham, Thm 10.3). μ is guessed above a
-    power-iteration estimate and refined by bisection between guesses that fail and that factor.
+    Lanczos estimate and refined by bisection between guesses that fail and that factor.
     Whatever the guesses, the returned √(μ + rounding terms) is never below the exact σ_max; with
     the bisection it is within √(1 + 2e-4) of it. Cost: one Gram product and a few (n³/3)
     factorizations — several times cheaper than an SVD or the 14 Gram-iteration products.
@@ -231,7 +231,8 @@ def sigma_upper(W: Tensor) -> Tensor:
     # |fl(GᵀG) − GᵀG| ≤ γ_m|G|ᵀ|G| entrywise and ‖ |G|ᵀ|G| ‖₂ ≤ ‖G‖_F² ≤ trace(A)/(1 − γ_m); the
     # symmetrizing average adds ≤ u·max|A_ij| = u·max A_ii per entry, ≤ n·u·max A_ii in norm.
     diag = A.diagonal(dim1=-2, dim2=-1)
-    # + 1e-300: entries and products that underflowed (each off by ≤ 2⁻¹⁰⁷⁴) cannot move λ more.
+    # + 1e-300: values that underflowed in the scaling, the Gram product or the factorization (each
+    # off by ≤ 2⁻¹⁰⁷⁴, at most n²·m of them) cannot move λ by more.
     gram_err = 2 * _gamma(m + n) * diag.sum(-1) + 2 * n * _U64 * diag.amax(-1) + 1e-300
 
     rho = _top_eigenvalue_estimate(A, LANCZOS_STEPS)
