@@ -197,6 +197,40 @@ def _cholesky_certify(A: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     return ok, mu + err
 
 
+def _times_pow2(x: Tensor, e: Tensor) -> Tensor:
+    """x·2^e (e per matrix, broadcast over the trailing dims), exact in the normal range.
+
+    Applied in two halves because 2^e alone is not a float64 for |e| > 1023, which subnormal
+    inputs (peak < 2⁻¹⁰²²) and near-overflow ones (peak ≥ 2¹⁰²³) need.
+    """
+    half = torch.div(e, 2, rounding_mode="floor")
+    shape = (-1,) + (1,) * (x.ndim - e.ndim)
+    one = torch.ones_like(e, dtype=x.dtype)
+    return x * torch.ldexp(one, half).view(shape) * torch.ldexp(one, e - half).view(shape)
+
+
+def _scale_to_unit_peak(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(G, e, zero): W as float64 tall (b, m, n) stack scaled by 2⁻ᵉ so each max|G_ij| ∈ [0.5, 1)."""
+    if W.is_complex():
+        raise ValueError("sigma_upper: complex matrices are not supported")
+    G = W.detach().to(torch.float64, copy=True)
+    if G.size(-2) < G.size(-1):
+        G = G.mT  # tall: the Gram matrix GᵀG is the smaller (min(m, n))² one
+    G = G.reshape(math.prod(G.shape[:-2]), *G.shape[-2:])
+    peak = G.abs().amax(dim=(-2, -1)) if G.numel() else G.new_zeros(G.size(0))
+    if not torch.isfinite(peak).all():
+        raise ValueError("sigma_upper: the matrix has NaN or Inf entries")
+    zero = peak == 0
+    _, exponent = torch.frexp(torch.where(zero, torch.ones_like(peak), peak))
+    return _times_pow2(G, -exponent), exponent, zero
+
+
+def _rescale_up(bound: Tensor, exponent: Tensor) -> Tensor:
+    """bound·2^e rounded upwards: exact unless the product is subnormal (≤ ½ ulp off) or overflows
+    (round-to-nearest may return DBL_MAX); one step towards +inf covers both, and inf is sound."""
+    return torch.nextafter(_times_pow2(bound, exponent), torch.full_like(bound, math.inf))
+
+
 @torch.no_grad()
 def sigma_upper(W: Tensor) -> Tensor:
     """Guaranteed upper bound on σ_max of W (or of each matrix in a stack), in float64.
@@ -212,28 +246,19 @@ def sigma_upper(W: Tensor) -> Tensor:
     """
     if W.ndim < 2:
         raise ValueError(f"sigma_upper needs a matrix, got shape {tuple(W.shape)}")
-    G = W.detach().to(torch.float64, copy=True)
-    if G.size(-2) < G.size(-1):
-        G = G.mT  # tall: the Gram matrix GᵀG is the smaller (min(m, n))² one
-    m, n = G.shape[-2:]
-    lead = G.shape[:-2]
-    G = G.reshape(-1, m, n)
-    # Scale every matrix by an exact power of two so its largest entry is in [0.5, 1): the Gram
+    if W.shape[-1] == 0 or W.shape[-2] == 0:
+        return torch.zeros(W.shape[:-2], dtype=torch.float64, device=W.device)  # σ of an empty matrix
+    lead = W.shape[:-2]
+    # Every matrix scaled by an exact power of two so its largest entry is in [0.5, 1): the Gram
     # entries then neither overflow nor lose the top of the spectrum to underflow.
-    peak = G.abs().amax(dim=(-2, -1))
-    if not torch.isfinite(peak).all():
-        raise ValueError("sigma_upper: the matrix has NaN or Inf entries")
-    zero = peak == 0
-    _, exponent = torch.frexp(torch.where(zero, torch.ones_like(peak), peak))
-    G = G * torch.ldexp(torch.ones_like(peak), -exponent)[:, None, None]
+    G, exponent, zero = _scale_to_unit_peak(W)
+    m, n = G.shape[-2:]
     A = G.mT @ G
     A = 0.5 * (A + A.mT)
     # |fl(GᵀG) − GᵀG| ≤ γ_m|G|ᵀ|G| entrywise and ‖ |G|ᵀ|G| ‖₂ ≤ ‖G‖_F² ≤ trace(A)/(1 − γ_m); the
     # symmetrizing average adds ≤ u·max|A_ij| = u·max A_ii per entry, ≤ n·u·max A_ii in norm.
     diag = A.diagonal(dim1=-2, dim2=-1)
-    # + 1e-300: values that underflowed in the scaling, the Gram product or the factorization (each
-    # off by ≤ 2⁻¹⁰⁷⁴, at most n²·m of them) cannot move λ by more.
-    gram_err = 2 * _gamma(m + n) * diag.sum(-1) + 2 * n * _U64 * diag.amax(-1) + 1e-300
+    gram_err = 2 * _gamma(m + n) * diag.sum(-1) + 2 * n * _U64 * diag.amax(-1)
 
     rho = _top_eigenvalue_estimate(A, LANCZOS_STEPS)
 
@@ -258,10 +283,11 @@ def sigma_upper(W: Tensor) -> Tensor:
         hi[idx[ok]], lam[idx[ok]] = mu[ok], bound[ok]
         lo[idx[~ok]] = mu[~ok]
     lam = lam + gram_err
-    # √ and the power-of-two rescale: a few float64 operations on non-negative numbers
-    bound = torch.sqrt(lam) * (1.0 + 1e-12) * torch.ldexp(torch.ones_like(peak), exponent)
+    # (1 + 1e-12): the few float64 operations on non-negative numbers that form the result, and the
+    # values that underflowed on the way (< 1e-300 in all, against λ̄ ≥ max A_ii ≥ 1/4)
+    bound = _rescale_up(torch.sqrt(lam) * (1.0 + 1e-12), exponent)
     bound = torch.where(zero, torch.zeros_like(bound), bound)
-    fallback = ~zero & ~torch.isfinite(bound)
+    fallback = ~zero & ~torch.isfinite(lam)
     if fallback.any():  # nothing factored (or ρ = 0 on a nonzero matrix): the matmul-only certificate
         flat = W.detach().reshape(-1, *W.shape[-2:])
         bound[fallback] = sigma_upper_gram(flat[fallback])
@@ -281,22 +307,22 @@ def sigma_upper_gram(W: Tensor, iters: int = GRAM_ITERS) -> Tensor:
     """
     if W.ndim < 2:
         raise ValueError(f"sigma_upper_gram needs a matrix, got shape {tuple(W.shape)}")
-    G = W.detach().to(torch.float64)
+    if W.shape[-1] == 0 or W.shape[-2] == 0:
+        return torch.zeros(W.shape[:-2], dtype=torch.float64, device=W.device)  # σ of an empty matrix
+    lead = W.shape[:-2]
+    G, exponent, zero = _scale_to_unit_peak(W)  # the first norm must not over- or underflow either
     m, n = G.shape[-2:]
-    if m < n:
-        G = G.mT  # TᵀT is then the smaller (min(m, n))² Gram matrix
     log_scale = torch.zeros(G.shape[:-2], dtype=torch.float64, device=G.device)
-    zero = torch.zeros_like(log_scale, dtype=torch.bool)
     for _ in range(iters):
         f = torch.linalg.matrix_norm(G)
-        zero |= f == 0
-        f = torch.where(f == 0, torch.ones_like(f), f)
+        f = torch.where(zero, torch.ones_like(f), f)
         G = G / f[..., None, None]
         log_scale = 2.0 * (log_scale + torch.log(f))
         G = G.mT @ G
     f = torch.linalg.matrix_norm(G)
     bound = torch.exp((log_scale + torch.log(f)) / 2.0**iters) * (1.0 + _rounding_margin(m, n))
-    return torch.where(zero | (f == 0), torch.zeros_like(bound), bound)
+    bound = torch.where(zero, torch.zeros_like(bound), _rescale_up(bound, exponent))
+    return bound.reshape(lead)
 
 
 @torch.no_grad()

@@ -211,9 +211,47 @@ def test_sigma_upper_stays_sound_when_every_guess_is_wrong(monkeypatch):
     assert (bound >= exact).all() and torch.allclose(bound, spectral.sigma_upper_gram(W))
 
 
-def test_sigma_upper_rejects_non_finite_weights():
+@pytest.mark.parametrize("certificate", [spectral.sigma_upper, spectral.sigma_upper_gram])
+def test_sigma_upper_rejects_non_finite_and_complex_weights(certificate):
     with pytest.raises(ValueError, match="NaN or Inf"):
-        spectral.sigma_upper(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+        certificate(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="complex"):
+        certificate(torch.tensor([[1 + 0j, 0], [0, 5j]]))
+
+
+def times_pow2(x, k: int):
+    return x * 2.0 ** (k // 2) * 2.0 ** (k - k // 2)  # x·2^k in two exact halves: 2^k alone may overflow
+
+
+@pytest.mark.parametrize("certificate", [spectral.sigma_upper, spectral.sigma_upper_gram])
+@pytest.mark.parametrize("k", [-1070, -1040, -1000, -600, 600, 1000, 1015])
+def test_sigma_upper_at_the_ends_of_the_float64_range(certificate, k):
+    # Subnormal and near-overflow weights: σ(2^k·M) = 2^k·σ(M), so the scaled-back bound must
+    # still be above σ(M). (A single 2^±e scale factor overflowed here and the bound came out 0.)
+    g = torch.Generator().manual_seed(k % 97)
+    M = torch.randn(3, 6, 9, generator=g, dtype=torch.float64)
+    M[1, 0] = 0.0  # a zero row: some entries of the product underflow while others do not
+    bound = certificate(times_pow2(M, k))
+    exact = svals(M).amax(-1)
+    back = times_pow2(bound, -k)
+    assert torch.isfinite(bound).all() and (bound > 0).all()
+    # at the subnormal end the bound keeps only the bits the format has left
+    slack = 1e-3 if k > -1000 else 2.0 ** (k + 1080)
+    assert (back >= exact).all() and (back <= exact * (1 + slack) + 1e-12).all(), (back / exact)
+
+
+@pytest.mark.parametrize("certificate", [spectral.sigma_upper, spectral.sigma_upper_gram])
+def test_sigma_upper_overflow_subnormal_and_empty_cases(certificate):
+    f64 = dict(dtype=torch.float64)
+    big = torch.full((2, 2), 1e308, **f64)  # σ = 2e308: beyond float64, so only +inf is an upper bound
+    assert certificate(big) == math.inf
+    top = torch.eye(2, **f64) * 2.0**1023  # σ = 2^1023: representable, and the bound must be too
+    assert 2.0**1023 <= certificate(top) < math.inf
+    stack = torch.stack([torch.eye(2, **f64), 1e-310 * torch.eye(2, **f64)])
+    bound = certificate(stack)
+    assert bound[0] >= 1 and bound[1] >= 1e-310 and bound[1] < 1e-309  # one tiny matrix in a normal stack
+    assert certificate(torch.zeros(3, 4)) == 0 and certificate(torch.zeros(0, 3, 4)).shape == (0,)
+    assert (certificate(torch.randn(3, 0, 4)) == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
