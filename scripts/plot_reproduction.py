@@ -4,8 +4,9 @@ Given trained run folders (each with `final/`, as `lipformer train` writes), dra
   * the singular-value spectra of every capped matrix in RMS→RMS units, one panel per run;
   * a histogram of per-position certified radii on the first `--chars` validation characters;
   * the loss / accuracy curves of every run from its metrics.jsonl;
-and prints a JSON summary per run: certified bounds, radius quantiles, accuracy on the text and the
-fraction certified-and-correct at a few radii.
+and prints a JSON summary per run: certified bounds, radius quantiles, accuracy on the text, the
+fraction certified-and-correct at a few radii, and how sharp each layer's attention is (mean
+largest attention weight against the uniform 1/(t+1), and the mean range of the scores in a row).
 
     .venv/bin/python scripts/plot_reproduction.py "Muon + hard cap=runs/sc2000" \\
         "AdamW, unconstrained=runs/sc2000-adamw" --out docs/img --prefix repro
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lipformer import LipformerForCausalLM  # noqa: E402
 from lipformer.certify import certified_fractions, certify_tokens, float64_copy  # noqa: E402
-from lipformer.nn import CappedLinear  # noqa: E402
+from lipformer.nn import CappedLinear, apply_rope  # noqa: E402
 from training.data import prepare_shakespeare  # noqa: E402
 
 COLORS = {"q": "C0", "k": "C1", "v": "C2", "o": "C3", "mlp_in": "C4", "mlp_out": "C5", "head": "k"}
@@ -43,10 +45,18 @@ def parse_runs(specs: list[str]) -> dict[str, Path]:
         label, sep, path = spec.partition("=")
         if not sep:
             label, path = Path(spec).name, spec
-        if not (Path(path) / "final" / "config.json").is_file():
-            raise SystemExit(f"error: {path} has no final/ model (train it first with `lipformer train`)")
+        if model_dir(Path(path)) is None:
+            raise SystemExit(f"error: {path} has no final/ or checkpoint/ model (train it with `lipformer train`)")
         runs[label] = Path(path)
     return runs
+
+
+def model_dir(run: Path) -> Path | None:
+    """final/ of a finished run, else the checkpoint of one stopped early with --max-steps."""
+    for name in ("final", "checkpoint"):
+        if (run / name / "config.json").is_file():
+            return run / name
+    return None
 
 
 def spectra(ax, model, title: str) -> None:
@@ -79,6 +89,40 @@ def summarize(model, ids: list[int]) -> tuple[dict, np.ndarray]:
     return summary, radii
 
 
+@torch.no_grad()
+def attention_sharpness(model, ids: list[int], seq: int = 256, skip: int = 16) -> list[dict]:
+    """Per layer: mean over rows t ≥ skip of the largest attention weight and of the score range.
+
+    Uniform attention over a causal prefix gives 1/(t+1); a layer that can pick out one position
+    gives weights near 1 and score ranges of several units (docs/results.md, reproduction).
+    """
+    n = len(ids) // seq
+    x = torch.tensor(ids[:n * seq]).view(n, seq)
+    rows = []
+
+    def probe(attn, args, kwargs):
+        h = args[0]
+        cos, sin = args[1] if len(args) > 1 else kwargs["rope"]
+        B, T, _ = h.shape
+        split = lambda t: t.view(B, T, attn.heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+        q, k = (apply_rope(split(m(h)), cos, sin) for m in (attn.q, attn.k))
+        scores = (q @ k.transpose(-1, -2)) * (attn.scale / attn.head_dim)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        spread = scores.masked_fill(~causal, -math.inf).amax(-1) - scores.masked_fill(~causal, math.inf).amin(-1)
+        rows.append({"max_weight": float(weights.amax(-1)[..., skip:].mean()),
+                     "uniform_weight": float((1.0 / torch.arange(skip + 1, T + 1)).mean()),
+                     "score_range": float(spread[..., skip:].mean())})
+
+    hooks = [layer.attn.register_forward_pre_hook(probe, with_kwargs=True) for layer in model.model.layers]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
 def curves(runs: dict[str, Path], path: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, run) in enumerate(runs.items()):
@@ -102,7 +146,7 @@ def curves(runs: dict[str, Path], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (or RUN_DIR), each with final/ and metrics.jsonl")
+    p.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (or RUN_DIR), each with final/ (or checkpoint/) and metrics.jsonl")
     p.add_argument("--chars", type=int, default=2048, help="validation characters to certify (default 2048)")
     p.add_argument("--out", default=str(ROOT / "docs" / "img"), help="folder for the PNGs (default docs/img)")
     p.add_argument("--prefix", default="repro", help="PNG name prefix (default repro)")
@@ -117,9 +161,10 @@ def main() -> None:
     fig_r, ax_r = plt.subplots(figsize=(6, 4))
     summary = {}
     for ax, (label, run) in zip(axes[0], runs.items()):
-        model = LipformerForCausalLM.from_pretrained(run / "final").eval()
+        model = LipformerForCausalLM.from_pretrained(model_dir(run)).eval()
         spectra(ax, model, label)
         summary[label], radii = summarize(model, ids)
+        summary[label]["attention"] = attention_sharpness(model, ids)
         positive = radii[radii > 0]
         if len(positive):
             ax_r.hist(np.log10(positive), bins=40, alpha=0.6,
