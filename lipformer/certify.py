@@ -5,8 +5,10 @@ A position t with prediction y = argmax z_t is certified at radius ε when no pe
 
     radius_t = min_{j≠y} (z_y − z_j) / (‖w_y − w_j‖₂ · √d · L_body).
 
-Margins are computed in float64 and reduced by a rounding allowance before dividing, so the
-radius is a guarantee about the exact function, not only about one floating-point evaluation.
+Margins are computed in float64 as (w_y − w_j)·h from the hidden state h, and lowered by bounds on
+the rounding of that product and on the float64 evaluation error of h itself (docs/lipschitz.md
+§6a), so the radius is a guarantee about the exact function, not only about one floating-point
+evaluation.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from . import spectral
 from .modeling import LipformerForCausalLM
 from .nn import ModelBound
 
 DEFAULT_RADII = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-MARGIN_ALLOWANCE = 1e-9  # relative to max |logit|: covers float64 evaluation error of the margins
 
 
 @dataclass
@@ -39,27 +41,48 @@ def float64_copy(model: LipformerForCausalLM) -> LipformerForCausalLM:
     return copy.deepcopy(model).to(torch.float64).eval()
 
 
+def require_float64(model: LipformerForCausalLM) -> None:
+    """Radii are only sound on a float64 evaluation (the rounding bounds of §6a are float64's)."""
+    bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float64})
+    if bad:
+        raise ValueError(f"certification needs the float64 copy of the model (it has {', '.join(bad)} "
+                         "weights): pass certify.float64_copy(model)")
+
+
 @torch.no_grad()
-def radii_from_logits(logits: Tensor, head_weight: Tensor, body_lipschitz: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(prediction, margin, radius) per row of `logits` (T, V) through the head W (V, d)."""
-    z = logits.double()
-    W = head_weight.double()
+def radii_from_hidden(hidden: Tensor, head_weight: Tensor, bounds: ModelBound) -> tuple[Tensor, Tensor, Tensor]:
+    """(prediction, margin, radius) per row of the float64 final hidden states (T, d).
+
+    radius = min_{j≠y} [((w_y − w_j)·h − rounding) / ‖w_y − w_j‖ − √d·e_h] / (√d · L_body), ≥ 0,
+    with e_h = `bounds.hidden_error` (docs/lipschitz.md §6–6a). Margins are formed from the
+    difference of head rows, so nearly equal rows cannot turn the rounding of two large logits
+    into a large radius.
+    """
+    if hidden.dtype != torch.float64 or head_weight.dtype != torch.float64:
+        raise ValueError("radii_from_hidden needs float64 hidden states and head weights")
+    h, W = hidden.reshape(-1, hidden.size(-1)), head_weight
     d = W.size(1)
-    pred = z.argmax(-1)
-    top = z.gather(-1, pred[:, None])
-    margins = top - z                                       # (T, V), ≥ 0, zero at the prediction
-    allowance = MARGIN_ALLOWANCE * z.abs().amax(-1, keepdim=True)
-    radius = torch.empty(z.size(0), dtype=torch.float64)
-    for y in pred.unique():                                 # one ‖w_y − w_j‖ table per prediction
+    root_d = math.sqrt(d)
+    gamma = spectral._gamma(d + 4)
+    pred = (h @ W.mT).argmax(-1)
+    h_norm = torch.linalg.vector_norm(h, dim=-1) * (1 + 2 * gamma)
+    slack = root_d * bounds.hidden_error * (1 + 1e-12)  # ‖h − h_exact‖₂ ≤ √d·e_h
+    margin = torch.empty(h.size(0), dtype=torch.float64)
+    radius = torch.empty(h.size(0), dtype=torch.float64)
+    for y in pred.unique():                                  # one table of w_y − w_j per prediction
         rows = (pred == y).nonzero()[:, 0]
-        dist = (W[y] - W).norm(dim=-1) * (1 + 1e-12)        # rounding up keeps the quotient sound
-        dist[y] = math.inf
-        ratio = (margins[rows] - allowance[rows]).clamp(min=0) / (dist * math.sqrt(d) * body_lipschitz)
-        ratio[:, y] = math.inf
-        radius[rows] = ratio.amin(-1)
-    second = margins.clone()
-    second.scatter_(-1, pred[:, None], math.inf)
-    return pred, second.amin(-1), radius
+        D = W[y] - W                                         # (V, d); each entry within u of exact
+        dist = torch.linalg.vector_norm(D, dim=-1) * (1 + 2 * gamma)   # ≥ ‖w_y − w_j‖₂
+        m = h[rows] @ D.mT                                   # (rows, V): z_y − z_j
+        # |fl(D·h) − (w_y − w_j)·h| ≤ (γ_d + 2u)·‖D‖‖h‖ (dot product, and D's own rounding)
+        low = m - 2 * gamma * h_norm[rows, None] * dist
+        quotient = (low / dist) * (1 - 1e-12) - slack
+        quotient[:, dist == 0] = -math.inf   # a duplicate head row: a tie no radius can protect
+        quotient[:, y] = math.inf
+        radius[rows] = (quotient.amin(-1).clamp(min=0) / (root_d * bounds.body)) * (1 - 1e-12)
+        m[:, y] = math.inf
+        margin[rows] = m.amin(-1)
+    return pred, margin, radius
 
 
 @torch.no_grad()
@@ -67,11 +90,15 @@ def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBou
                    chunk: int | None = None, progress: bool = False) -> list[PositionCertificate]:
     """Certify every position of a token sequence, in chunks of the context length.
 
-    `model` should be the float64 copy (see `float64_copy`); each chunk is certified on its own
-    (a chunk is what the model sees as one input).
+    `model` must be the float64 copy (see `float64_copy`), and `bounds` its bounds; each chunk is
+    certified on its own (a chunk is what the model sees as one input).
     """
+    require_float64(model)
     bounds = bounds or model.bounds()
-    chunk = chunk or model.config.max_position_embeddings
+    limit = model.config.max_position_embeddings
+    chunk = chunk or limit
+    if not 0 < chunk <= limit:
+        raise ValueError(f"chunk must be in 1..{limit} (the bounds assume at most that many positions)")
     starts = range(0, len(ids), chunk)
     if progress:
         from tqdm import tqdm
@@ -79,8 +106,8 @@ def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBou
     out: list[PositionCertificate] = []
     for s in starts:
         piece = torch.tensor([ids[s:s + chunk]])
-        logits = model(piece, use_cache=False).logits[0]
-        pred, margin, radius = radii_from_logits(logits, model.head.weight, bounds.body)
+        hidden = model.model(piece, use_cache=False).last_hidden_state[0]
+        pred, margin, radius = radii_from_hidden(hidden, model.head.weight, bounds)
         for i in range(piece.size(1)):
             out.append(PositionCertificate(s + i, int(piece[0, i]), int(pred[i]), float(margin[i]), float(radius[i])))
     return out

@@ -165,7 +165,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         print(f"block {a['block']}: lipschitz ≤ {a['lipschitz']:.4f}, attention output rms ≤ "
               f"{a['attn_output']:.4f}, block output rms ≤ {a['mlp_output']:.4f}")
     print(f"input ball radius {bounds.input_radius:g}; hidden rms ≤ {bounds.hidden_bound:.4f}; "
-          f"logits rms ≤ {bounds.logits_bound:.4f}")
+          f"logits rms ≤ {bounds.logits_bound:.4f}; float64 evaluation error of hidden rms ≤ {bounds.hidden_error:.3g}")
     print(f"Lipschitz bound inputs_embeds → hidden: {bounds.body:.6g}")
     print(f"Lipschitz bound inputs_embeds → logits: {bounds.total:.6g}")
     if certs:

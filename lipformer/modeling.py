@@ -215,7 +215,8 @@ class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def bounds(self) -> ModelBound:
         """The certificate's bounds from the current weights (docs/lipschitz.md §5)."""
-        return compose_bounds(self.model.ball, list(self.model.layers), self.head, constrained_modules(self))
+        return compose_bounds(self.model.ball, list(self.model.layers), self.head, constrained_modules(self),
+                              positions=self.config.max_position_embeddings)
 
     def certificate(self) -> dict:
         """The bounds as the JSON object saved beside the weights."""

@@ -29,6 +29,7 @@ GELU_DIVISOR = 1.1289
 GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.sqrt(2.0) * math.exp(-1.0) / math.sqrt(2.0 * math.pi)
 GELU_LIPSCHITZ = GELU_MAX_SLOPE / GELU_DIVISOR * (1.0 + 1e-12)
 ATTENTION_DIVISOR = 3.0
+_U64 = 2.0**-53  # float64 unit roundoff
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,14 @@ class ModelBound:
     weights: list[WeightBound] = field(default_factory=list)
     hidden_bound: float = 0.0   # rms bound on final hidden states
     logits_bound: float = 0.0   # rms bound on logits
+    hidden_error: float = 0.0   # rms bound on the float64 evaluation error of the final hidden states (§6a)
 
     def to_json(self) -> dict:
         """The certificate's JSON form: `lipschitz.{total, body, layers[{name, sigma_upper, w_max, factor}]}`."""
         return {"lipschitz": {"total": self.total, "body": self.body, "layers": [vars(w) for w in self.weights]},
                 "input_radius": self.input_radius, "activations": self.activations,
                 "hidden_bound": self.hidden_bound, "logits_bound": self.logits_bound,
+                "hidden_error_float64": self.hidden_error,
                 "norm": "max over tokens of rms; weights in the RMS→RMS operator norm (docs/lipschitz.md)"}
 
 
@@ -227,6 +230,19 @@ class Attention(nn.Module):
         value_gain = float(torch.sqrt((sv**2).sum()))
         return Bound(so * mix / ATTENTION_DIVISOR, so * value_gain * B / ATTENTION_DIVISOR)
 
+    def rounding_error(self, input_bound: float, lam: float) -> float:
+        """rms bound on |float64 forward − exact forward| at one computed input of rms ≤ B (§6a):
+            (σ_O/3)·λ·B·[(Σ_h σ_V,h²(12 + φ_h)²)^½ + 2(Σ_h σ_V,h²)^½],
+        φ_h = min(e^{14λS_h} − 1, 2)(1 + λ)/λ, S_h = cH·σ_Q,h·σ_K,h·B² the bound on |scores|."""
+        H, c, B = self.heads, self.scale, input_bound
+        sq, sk, sv = (_sigma(m.weight, H) for m in (self.q, self.k, self.v))
+        so = float(_sigma(self.o.weight))
+        scores = c * H * sq * sk * B * B
+        # score errors ≤ 7λS move every softmax weight by a factor e^{±14λS}; both are distributions
+        shift = torch.clamp(torch.expm1(14.0 * lam * scores), max=2.0) * (1.0 + lam) / lam
+        heads = torch.sqrt((sv**2 * (12.0 + shift) ** 2).sum()) + 2.0 * torch.sqrt((sv**2).sum())
+        return float(so * lam * B * heads / ATTENTION_DIVISOR)
+
 
 class MLP(nn.Module):
     """W_out · gelu(W_in x) / 1.1289."""
@@ -245,6 +261,10 @@ class MLP(nn.Module):
         first = self.fc_in.bound(input_bound)
         second = self.fc_out.bound(first.output / GELU_DIVISOR)
         return Bound(first.lipschitz * GELU_LIPSCHITZ * second.lipschitz, second.output)
+
+    def rounding_error(self, input_bound: float, lam: float) -> float:
+        """rms bound on |float64 forward − exact forward| at one computed input of rms ≤ B (§6a)."""
+        return 3.0 * lam * self.fc_in.norm_upper() * self.fc_out.norm_upper() * input_bound
 
 
 def residual_bound(alpha: float, input_bound: float, branch: Bound) -> Bound:
@@ -270,20 +290,45 @@ class Block(nn.Module):
         mlp = residual_bound(self.alpha, attn.output, self.mlp.bound(attn.output))
         return attn, mlp
 
+    def float64_error(self, input_bound: float, error: float, lam: float) -> float:
+        """Bound on the float64 evaluation error after this block, given `error` on its input (§6a).
+
+        The computed input lies within `error` of an exact one of rms ≤ B, so inside the ball of
+        rms B + error: there the exact sublayer is L(B + error)-Lipschitz (this carries the input's
+        error forward), and evaluating it in float64 adds the sublayer's own rounding error.
+        """
+        a, B = self.alpha, input_bound
+        for branch in (self.attn, self.mlp):
+            wide = residual_bound(a, B + error, branch.bound(B + error))
+            error = wide.lipschitz * error + a * branch.rounding_error(B + error, lam) + 3 * _U64 * wide.output
+            B = residual_bound(a, B, branch.bound(B)).output
+        return error
+
+
+def float64_linear_error(n: int) -> float:
+    """λ = γ_n·√n: a float64 matrix–vector product with inner dimensions ≤ n is off by at most
+    λ·‖W‖₂‖x‖₂ (γ_n·‖W‖_F‖x‖₂, with ‖W‖_F ≤ √n·‖W‖₂; docs/lipschitz.md §6a)."""
+    return spectral._gamma(n) * math.sqrt(n)
+
 
 def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
-                   constrained: list[tuple[str, nn.Module]]) -> ModelBound:
+                   constrained: list[tuple[str, nn.Module]], positions: int = 0) -> ModelBound:
     """Compose every module's bound into the model's (docs/lipschitz.md §5).
 
-    `constrained` lists (state-dict name, module) for the per-weight table.
+    `constrained` lists (state-dict name, module) for the per-weight table; `positions` is the
+    longest sequence the model is run on (the softmax sums over that many terms, §6a).
     """
     global _SIGMA_MEMO
     _SIGMA_MEMO = {}
     try:
         B = ball.bound(math.inf)  # any inputs_embeds at all
         body, x_bound = B.lipschitz, B.output
+        widths = [layer.mlp.fc_in.d_out for layer in layers]  # d_ff; d and d_head are ≤ head.d_in
+        lam = float64_linear_error(max([8, head.d_in, positions, *widths]))
+        error = 8 * _U64 * x_bound  # the ball's projection: an rms, a division, a min, a product
         activations = []
         for i, layer in enumerate(layers):
+            error = layer.float64_error(x_bound, error, lam)
             attn, mlp = layer.bound(x_bound)
             body *= attn.lipschitz * mlp.lipschitz
             activations.append({"block": i, "lipschitz": attn.lipschitz * mlp.lipschitz,
@@ -293,7 +338,7 @@ def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
         weights = [m.weight_bound(name + ".weight") for name, m in constrained]
         return ModelBound(total=body * out.lipschitz, body=body, input_radius=ball.radius,
                           activations=activations, weights=weights, hidden_bound=x_bound,
-                          logits_bound=out.output)
+                          logits_bound=out.output, hidden_error=error)
     finally:
         _SIGMA_MEMO = None
 

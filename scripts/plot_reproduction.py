@@ -75,8 +75,9 @@ def spectra(ax, model, title: str) -> None:
 
 
 def summarize(model, ids: list[int]) -> tuple[dict, np.ndarray]:
-    bound = model.bounds()
-    certs = certify_tokens(float64_copy(model), ids, bound)
+    m64 = float64_copy(model)
+    bound = m64.bounds()
+    certs = certify_tokens(m64, ids, bound)
     radii = np.array([c.radius for c in certs])
     targets = ids[1:]
     certs = certs[:-1]  # the last position has no next character to check

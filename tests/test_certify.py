@@ -181,3 +181,85 @@ def test_monitor_clip_keeps_activations_inside_the_bound(trained):
     monitor.remove()
     # the clip hook runs before this one was registered, so `seen` holds the clipped output
     assert float(seen[0].pow(2).mean(-1).sqrt().max()) <= limits["model.layers.1"] * (1 + 1e-9)
+
+
+def test_certification_refuses_a_float32_model(trained):
+    model, tok, _ = trained
+    ids = tok(TEXT)["input_ids"][:16]
+    with pytest.raises(ValueError, match="float64 copy"):
+        certify.certify_tokens(model, ids)
+    m64 = certify.float64_copy(model)
+    with pytest.raises(ValueError, match="chunk"):
+        certify.certify_tokens(m64, ids, chunk=m64.config.max_position_embeddings + 1)
+
+
+def test_near_tied_head_rows_get_no_radius_from_rounding():
+    # Two head rows 1e3 long that differ by ~1e-13, nearly orthogonal to h: the float64 margin is
+    # rounding noise, and dividing it by ‖w_1 − w_2‖ once gave a "radius" of 1e-2 for a prediction
+    # the exact function does not make. Every positive radius must come with the right sign of
+    # the exact margin, computed in rationals on the float64 hidden state.
+    from fractions import Fraction
+
+    cfg = LipformerConfig(vocab_size=2, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
+                          max_position_embeddings=4, intermediate_size=8)
+    torch.manual_seed(0)
+    model = certify.float64_copy(LipformerForCausalLM(cfg))
+    h = model.model(torch.tensor([[0]])).last_hidden_state[0, 0]
+    unit = h / h.norm()
+    g = torch.Generator().manual_seed(1)
+    K, u = 1e3, 2.0**-53
+    certified = 0
+    for _ in range(400):
+        a, b = (torch.randn(4, generator=g, dtype=torch.float64) for _ in range(2))
+        a, b = (v - (v @ unit) * unit for v in (a, b))
+        a, b = a / a.norm(), b / b.norm()
+        w1 = K * a
+        w2 = w1 + 4 * K * u * b + 0.5 * K * u * unit
+        with torch.no_grad():
+            model.head.weight.copy_(torch.stack([w1, w2]))
+        c = certify.certify_tokens(model, [0])[0]
+        if c.radius > 0:
+            certified += 1
+            z = [sum(Fraction(float(x)) * Fraction(float(y)) for x, y in zip(w.tolist(), h.tolist())) for w in (w1, w2)]
+            assert z[c.prediction] > z[1 - c.prediction], (c, z)
+    assert certified < 400  # the construction does reach the near-tie regime
+
+
+def _float32_units(monkeypatch):
+    """Evaluate the §6a error bound with float32's unit roundoff instead of float64's."""
+    from lipformer import nn as lnn
+    monkeypatch.setattr(spectral, "_U64", 2.0**-24)
+    monkeypatch.setattr(lnn, "_U64", 2.0**-24)
+
+
+@pytest.mark.parametrize("which", ["trained", "random0", "over_cap", "sharp"])
+def test_float64_error_bound_holds_for_float32(which, trained, monkeypatch):
+    # docs/lipschitz.md §6a bounds the float64 evaluation error of the hidden states in terms of
+    # the unit roundoff u. The same derivation with u = 2⁻²⁴ must cover what float32 actually does
+    # (against the float64 forward of the same weights, 2²⁹× more accurate): a check of the
+    # derivation's constants on a format where the errors are large enough to see.
+    model, tok, _ = trained
+    if which == "random0":
+        model = random_capped(tok, 0)
+    elif which == "over_cap":  # every matrix 3× its cap: larger scores, larger amplification
+        model = random_capped(tok, 0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and "embed" not in name:
+                    p.mul_(3.0)
+    elif which == "sharp":  # softmax scale 16: scores up to 16× larger
+        model = tiny(tok, softmax_scale=16.0)
+        model.load_state_dict(random_capped(tok, 1).state_dict())
+    model = model.float().eval()
+    ids = torch.tensor([tok(TEXT)["input_ids"][:64]])
+    m64 = certify.float64_copy(model)
+    with torch.no_grad():
+        h32 = model.model(ids).last_hidden_state[0].double()
+        h64 = m64.model(ids).last_hidden_state[0]
+    observed = float(((h32 - h64).pow(2).mean(-1).sqrt()).max())
+    exact = m64.bounds().hidden_error
+    _float32_units(monkeypatch)
+    bound = m64.bounds().hidden_error
+    print(f"{which}: float32 error {observed:.3g}, bound {bound:.3g}, ratio {bound / observed:.3g}")
+    assert observed > 0 and observed <= bound, (observed, bound)
+    assert exact < bound * 1e-7  # the float64 figure used by the certificates is 2²⁹× smaller

@@ -136,9 +136,11 @@ def certified_accuracy(model, val, radii, batches: int = 4) -> dict:
     correct = total = 0
     for _ in range(batches):
         x, y = val.next_batch()
-        logits = m64(x.cpu(), use_cache=False).logits
+        if x.size(1) > m64.config.max_position_embeddings:
+            raise ValueError("certified_accuracy: val sequences are longer than the bounds allow")
+        hidden = m64.model(x.cpu(), use_cache=False).last_hidden_state
         # positions are independent: certify every (row, t) of the batch in one call
-        pred, _, radius = certify.radii_from_logits(logits.reshape(-1, logits.size(-1)), m64.head.weight, bounds.body)
+        pred, _, radius = certify.radii_from_hidden(hidden, m64.head.weight, bounds)
         ok = pred == y.reshape(-1)
         correct += int(ok.sum())
         total += y.numel()
