@@ -57,11 +57,27 @@ def random_capped(tok, seed):
     return model.eval()
 
 
-@pytest.mark.parametrize("which", ["trained", "random0", "random1"])
-def test_no_attack_breaks_a_certified_radius(which, trained):
+def attack_target(which: str, trained):
+    """The models the attack tests run on: trained, random at the caps, sharp attention, POET."""
     model, tok, _ = trained
-    if which != "trained":
+    if which.startswith("random"):
         model = random_capped(tok, int(which[-1]))
+    elif which == "sharp":  # softmax scale 8: scores 8× larger, the regime where attention can focus
+        model = tiny(tok, softmax_scale=8.0)
+        model.load_state_dict(random_capped(tok, 2).state_dict())
+    elif which == "poet":  # POET layers with non-trivial rotations: the bound sees R·W0·P
+        torch.manual_seed(3)
+        model = tiny(tok, linear="poet")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".rot_" in name:
+                    p.copy_(0.05 * torch.randn_like(p))  # stretches σ up to 1.8× its cap
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("which", ["trained", "random0", "random1", "sharp", "poet"])
+def test_no_attack_breaks_a_certified_radius(which, trained):
+    model, tok = attack_target(which, trained)
     m64 = certify.float64_copy(model)
     ids = tok(TEXT)["input_ids"][:64]
     certs = certify.certify_tokens(m64, ids)
