@@ -312,7 +312,7 @@ def float64_linear_error(n: int) -> float:
 
 
 def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
-                   constrained: list[tuple[str, nn.Module]], positions: int = 0) -> ModelBound:
+                   constrained: list[tuple[str, nn.Module]], *, positions: int) -> ModelBound:
     """Compose every module's bound into the model's (docs/lipschitz.md §5).
 
     `constrained` lists (state-dict name, module) for the per-weight table; `positions` is the
