@@ -64,22 +64,25 @@ def radii_from_hidden(hidden: Tensor, head_weight: Tensor, bounds: ModelBound) -
     d = W.size(1)
     root_d = math.sqrt(d)
     gamma = spectral._gamma(d + 4)
+    # products that underflow lose ≤ 2⁻¹⁰⁷⁵ each (sums of subnormals are exact): an absolute term
+    underflow = 2.0 * (d + 2) * 2.0**-1074
     pred = (h @ W.mT).argmax(-1)
-    h_norm = torch.linalg.vector_norm(h, dim=-1) * (1 + 2 * gamma)
+    h_norm = spectral.row_norm_upper(h)                     # norms that neither under- nor overflow
     slack = root_d * bounds.hidden_error * (1 + 1e-12)  # ‖h − h_exact‖₂ ≤ √d·e_h
     margin = torch.empty(h.size(0), dtype=torch.float64)
     radius = torch.empty(h.size(0), dtype=torch.float64)
     for y in pred.unique():                                  # one table of w_y − w_j per prediction
         rows = (pred == y).nonzero()[:, 0]
         D = W[y] - W                                         # (V, d); each entry within u of exact
-        dist = torch.linalg.vector_norm(D, dim=-1) * (1 + 2 * gamma)   # ≥ ‖w_y − w_j‖₂
+        dist = spectral.row_norm_upper(D) * (1 + 2 * gamma)  # ≥ ‖w_y − w_j‖₂ (D̂ within u of exact)
         m = h[rows] @ D.mT                                   # (rows, V): z_y − z_j
         # |fl(D·h) − (w_y − w_j)·h| ≤ (γ_d + 2u)·‖D‖‖h‖ (dot product, and D's own rounding)
-        low = m - 2 * gamma * h_norm[rows, None] * dist
+        low = m - 2 * gamma * h_norm[rows, None] * dist - underflow
         quotient = (low / dist) * (1 - 1e-12) - slack
         quotient[:, dist == 0] = -math.inf   # a duplicate head row: a tie no radius can protect
         quotient[:, y] = math.inf
-        radius[rows] = (quotient.amin(-1).clamp(min=0) / (root_d * bounds.body)) * (1 - 1e-12)
+        r = (quotient.amin(-1).clamp(min=0) / (root_d * bounds.body)) * (1 - 1e-12)
+        radius[rows] = torch.nan_to_num(r, nan=0.0)          # NaN (overflowed rows or bounds): no claim
         m[:, y] = math.inf
         margin[rows] = m.amin(-1)
     return pred, margin, radius

@@ -325,7 +325,8 @@ def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
         body, x_bound = B.lipschitz, B.output
         widths = [layer.mlp.fc_in.d_out for layer in layers]  # d_ff; d and d_head are ≤ head.d_in
         lam = float64_linear_error(max([8, head.d_in, positions, *widths]))
-        error = 8 * _U64 * x_bound  # the ball's projection: an rms, a division, a min, a product
+        # the ball's projection: an rms (a d-term sum, then a root), a division, a min, a product
+        error = (spectral._gamma(head.d_in) + 8 * _U64) * x_bound
         activations = []
         for i, layer in enumerate(layers):
             error = layer.float64_error(x_bound, error, lam)

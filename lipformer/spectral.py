@@ -231,6 +231,26 @@ def _rescale_up(bound: Tensor, exponent: Tensor) -> Tensor:
     return torch.nextafter(_times_pow2(bound, exponent), torch.full_like(bound, math.inf))
 
 
+def row_norm_upper(X: Tensor) -> Tensor:
+    """Guaranteed upper bound on the ℓ2 norm of each row of a float64 X, at any magnitude.
+
+    A plain norm squares the entries first: below ~1e-162 the squares underflow and the norm
+    comes out too small, above ~1e154 it overflows. Each row is scaled by a power of two to a
+    peak in [½, 1) (exact), its norm rounded up by 1 + 2γ_{n+2}, and scaled back rounding up.
+    """
+    peak = X.abs().amax(-1) if X.size(-1) else X.new_zeros(X.shape[:-1])
+    if not torch.isfinite(peak).all():
+        return torch.where(torch.isfinite(peak), row_norm_upper(torch.nan_to_num(X, 0.0, 0.0, 0.0)),
+                           torch.full_like(peak, math.inf))  # a row with NaN or inf has no finite bound
+    _, e = torch.frexp(torch.where(peak == 0, torch.ones_like(peak), peak))
+    flat, lead = X.reshape(-1, X.size(-1)), X.shape[:-1]
+    scaled = _times_pow2(flat, -e.reshape(-1))
+    # entries that underflow in the scaling lose ≤ 2⁻¹⁰⁷⁴ each: ≤ √n·2⁻¹⁰⁷⁴ against a row norm ≥ ½,
+    # far inside the 2γ_{n+2} margin
+    norm = torch.linalg.vector_norm(scaled, dim=-1) * (1 + 2 * _gamma(X.size(-1) + 2))
+    return torch.where(peak == 0, torch.zeros_like(peak), _rescale_up(norm, e.reshape(-1)).reshape(lead))
+
+
 @torch.no_grad()
 def sigma_upper(W: Tensor) -> Tensor:
     """Guaranteed upper bound on σ_max of W (or of each matrix in a stack), in float64.

@@ -279,3 +279,28 @@ def test_float64_error_bound_holds_for_float32(which, trained, monkeypatch):
     print(f"{which}: float32 error {observed:.3g}, bound {bound:.3g}, ratio {bound / observed:.3g}")
     assert observed > 0 and observed <= bound, (observed, bound)
     assert exact < bound * 1e-7  # the float64 figure used by the certificates is 2²⁹× smaller
+
+
+def test_tiny_head_rows_do_not_inflate_the_radius():
+    # Head rows ~1e-162 apart: their squared entries underflow, and a plain norm read ‖w_0 − w_1‖
+    # 5.7× too small, certifying radius 1.48 where the formula allows 0.26 (a 250-bit forward showed
+    # the prediction flip at rms 1.1). The radius must not exceed the formula with the exact norm.
+    d = 64
+    cfg = LipformerConfig(vocab_size=2, hidden_size=d, num_hidden_layers=1, num_attention_heads=1,
+                          max_position_embeddings=4, intermediate_size=2 * d)
+    torch.manual_seed(0)
+    model = certify.float64_copy(LipformerForCausalLM(cfg))
+    with torch.no_grad():
+        h = model.model(torch.tensor([[0]])).last_hidden_state[0, 0]
+        D = torch.full((d,), 1.57e-162, dtype=torch.float64)
+        D[0] = 2.3e-162
+        D = torch.sign(h) * D
+        model.head.weight.zero_()
+        model.head.weight[0] = D
+    c = certify.certify_tokens(model, [0])[0]
+    bounds = model.bounds()
+    big = 2.0**600  # exact scaling: the norm and the margin computed where nothing underflows
+    norm = float(torch.linalg.vector_norm(D * big)) / big
+    margin = float((D * big) @ h) / big
+    allowed = margin / (norm * d**0.5 * bounds.body)
+    assert c.prediction == 0 and 0 < c.radius <= allowed * (1 + 1e-9), (c.radius, allowed)

@@ -301,3 +301,17 @@ def test_normalize_hammer_and_spectral_weight_decay():
     assert (s - 1.0).abs().min() < 1e-4
     d = svals(spectral.spectral_weight_decay(W, 0.1, iters=200))
     assert abs(d.max() - 3.0 * 0.9) < 1e-3 or abs(d.max() - svals(W)[1]) < 1e-3
+
+
+@pytest.mark.parametrize("k", [-1060, -1030, -600, 0, 600, 1000])
+def test_row_norm_upper_at_any_magnitude(k):
+    # A plain norm squares first: rows of ~1e-162 lost their squares to underflow and read 5.7×
+    # too small, which made a certified radius too large.
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 64, generator=g, dtype=torch.float64)
+    X[2] = 0.0
+    exact = torch.linalg.vector_norm(X, dim=-1)
+    bound = times_pow2(spectral.row_norm_upper(times_pow2(X, k)), -k)
+    slack = 1e-12 if k > -1000 else 2.0 ** (k + 1080)
+    assert (bound >= exact).all() and (bound <= exact * (1 + slack) + 1e-300).all(), bound / exact
+    assert spectral.row_norm_upper(torch.tensor([[1.5e308, 1.5e308]], dtype=torch.float64)) == math.inf
