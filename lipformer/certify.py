@@ -63,7 +63,7 @@ def radii_from_hidden(hidden: Tensor, head_weight: Tensor, bounds: ModelBound) -
     h, W = hidden.reshape(-1, hidden.size(-1)), head_weight
     d = W.size(1)
     root_d = math.sqrt(d)
-    gamma = spectral._gamma(d + 4)
+    gamma = spectral.gamma(d + 4)
     # products that underflow lose ≤ 2⁻¹⁰⁷⁵ each (sums of subnormals are exact): an absolute term
     underflow = 2.0 * (d + 2) * 2.0**-1074
     pred = (h @ W.mT).argmax(-1)

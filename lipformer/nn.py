@@ -308,7 +308,7 @@ class Block(nn.Module):
 def float64_linear_error(n: int) -> float:
     """λ = γ_n·√n: a float64 matrix–vector product with inner dimensions ≤ n is off by at most
     λ·‖W‖₂‖x‖₂ (γ_n·‖W‖_F‖x‖₂, with ‖W‖_F ≤ √n·‖W‖₂; docs/lipschitz.md §6a)."""
-    return spectral._gamma(n) * math.sqrt(n)
+    return spectral.gamma(n) * math.sqrt(n)
 
 
 def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
@@ -326,7 +326,7 @@ def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
         widths = [layer.mlp.fc_in.d_out for layer in layers]  # d_ff; d and d_head are ≤ head.d_in
         lam = float64_linear_error(max([8, head.d_in, positions, *widths]))
         # the ball's projection: an rms (a d-term sum, then a root), a division, a min, a product
-        error = (spectral._gamma(head.d_in) + 8 * _U64) * x_bound
+        error = (spectral.gamma(head.d_in) + 8 * _U64) * x_bound
         activations = []
         for i, layer in enumerate(layers):
             error = layer.float64_error(x_bound, error, lam)
