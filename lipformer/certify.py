@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import spectral
 from .modeling import LipformerForCausalLM
-from .nn import ModelBound
+from .nn import ModelBound, project_to_ball
 
 DEFAULT_RADII = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -148,8 +148,7 @@ def attack(model: LipformerForCausalLM, ids: list[int], certs: list[PositionCert
     pred = torch.tensor([c.prediction for c in targets])
 
     def project(delta: Tensor) -> Tensor:  # onto {max_t rms(δ_t) ≤ ε}
-        rms = delta.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-30)
-        return delta * torch.clamp(eps / rms, max=1.0)
+        return project_to_ball(delta, eps)
 
     def worst_gap(delta: Tensor) -> Tensor:  # max_{j≠y} z_j − z_y at each attacked position
         z = model(inputs_embeds=x0 + delta, use_cache=False).logits[rows, pos]

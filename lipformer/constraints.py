@@ -3,9 +3,11 @@
     project = SpectralProjection(model, optimizer)    # reads model.config.constraint / cap_method
     loss.backward(); optimizer.step(); project()
 
-Which weight gets which cap comes from the modules themselves (`CappedLinear.sigma_cap`, the
-embedding's row-RMS bound), so a per-kind `w_max` in the config is honoured everywhere. The
-certificate never trusts this step: it measures the weights afterwards (`sigma_upper`).
+Each constrained module projects itself (`module.project(cap)`, modula's idea): a dense matrix
+applies the cap to its weight at its own `sigma_cap`, the embedding clips its rows, a POET layer caps
+W0 right after a merge. This step only chooses the cap (the constraint) and supplies it, so a
+per-kind `w_max` is honoured everywhere and no module needs a flag. The certificate never trusts
+this step: it measures the weights afterwards (`sigma_upper`).
 Weights sharded by FSDP2 (DTensors) are capped as whole matrices: each on one rank, every rank
 keeping its own rows (`lipformer.sharding`); the call is then a collective.
 """
@@ -20,14 +22,7 @@ from torch import nn
 
 from . import sharding, spectral
 from .config import CAP_METHODS, CONSTRAINTS
-from .nn import CappedLinear, MaxRMSEmbedding
-
-
-@torch.no_grad()
-def clip_rows_rms(weight: torch.Tensor, max_rms: float) -> None:
-    """Embedding constraint: every token vector back to rms ≤ max_rms (a projection)."""
-    rms = weight.float().pow(2).mean(-1, keepdim=True).sqrt()
-    weight.mul_(torch.clamp(max_rms / rms.clamp(min=1e-30), max=1.0).to(weight.dtype))
+from .nn import CappedLinear, MaxRMSEmbedding, SpectralLinear
 
 
 class SpectralProjection:
@@ -57,46 +52,42 @@ class SpectralProjection:
             raise ValueError(f"spectral_wd must be in [0, 1), got {spectral_wd}")
         self.optimizer = optimizer
         self.spectral_wd = spectral_wd
-        # POET layers keep W0's spectrum by construction (needs_projection = False): a cap written
-        # into their computed `weight` would be lost, and the certificate measures them anyway.
-        self.modules = [m for m in model.modules() if isinstance(m, (CappedLinear, MaxRMSEmbedding))
-                        and getattr(m, "needs_projection", True)]
+        self.modules = [m for m in model.modules() if isinstance(m, (SpectralLinear, MaxRMSEmbedding))]
         self._warned = False
 
     @torch.no_grad()
     def __call__(self) -> None:
         if self.constraint == "none":
             return
-        capped = []
-        for module in self.modules:
-            if isinstance(module, MaxRMSEmbedding):
-                # row by row: a DTensor sharded by rows (FSDP2) clips its own rows, nothing to gather
-                clip_rows_rms(module.weight, module.w_max)
-            else:
-                capped.append(module)
-        weights = [m.weight for m in capped]
-        # Every rank asks for the soft cap's step bounds here, before any work is dealt out below:
-        # for a DTensor a bound may be a collective (Lamb's weight norm).
-        steps = [self._step_bound(W) for W in weights]
-        shards = sharding.mesh_shards(weights, "SpectralProjection")
-        if shards is None:
-            for m, W, step in zip(capped, weights, steps):
-                W.copy_(self._project(W, m.sigma_cap, step))
-            return
+        dense = [m for m in self.modules if isinstance(m, CappedLinear)]
         # FSDP2: a cap of a block of rows is not the block of the capped matrix. Each full matrix is
-        # capped on one rank (round-robin) and every rank writes back its own rows of the result, so
-        # the shards always come from one and the same capped matrix.
-        def project_one(i: int, whole: torch.Tensor) -> torch.Tensor:
-            return self._project(whole, capped[i].sigma_cap, steps[i])
+        # capped on one rank (round-robin), every rank receives every result, and each dense module
+        # then projects itself with the precomputed matrix (keeping its own rows of it).
+        shards = sharding.mesh_shards([m.weight for m in dense], "SpectralProjection")
+        if shards is None:
+            for module in self.modules:
+                module.project(self.cap)
+            return
+        # Every rank asks for the soft cap's step bounds before any work is dealt out: for a DTensor a
+        # bound may be a collective (Lamb's weight norm).
+        steps = [self._step_bound(m.weight) for m in dense]
+        capped = {}
+        for i, W in sharding.sharded_map(lambda i, whole: self._project(whole, dense[i].sigma_cap, steps[i]),
+                                         [m.weight for m in dense], *shards):
+            capped[id(dense[i].weight)] = W
+        for module in self.modules:
+            module.project(lambda W, cap: sharding.local_part(capped[id(W)], W) if id(W) in capped
+                           else self.cap(W, cap))
 
-        for i, W in sharding.sharded_map(project_one, weights, *shards):
-            weights[i].copy_(sharding.local_part(W, weights[i]))
+    def cap(self, W: torch.Tensor, sigma_cap: float) -> torch.Tensor:
+        """W under σ_max ≤ sigma_cap by this step's constraint (what each module's `project` applies)."""
+        return self._project(W, sigma_cap, self._step_bound(W))
 
     def _step_bound(self, W: torch.Tensor) -> tuple[float, float]:
         """(max_update_norm, decay) of the optimizer's next step on W, for the soft cap's α."""
         step_bound = getattr(self.optimizer, "step_bound", None)
-        if self.constraint != "soft_cap" or step_bound is None:
-            return math.inf, 0.0
+        if self.constraint != "soft_cap" or step_bound is None or not isinstance(W, nn.Parameter):
+            return math.inf, 0.0  # (a POET W0 is a buffer: the optimizer never stepped it)
         return step_bound(W)
 
     def _project(self, W: torch.Tensor, cap: float, step: tuple[float, float]) -> torch.Tensor:

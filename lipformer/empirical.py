@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .nn import project_to_ball
+
 Fn = Callable[[Tensor], Tensor]
 
 
@@ -25,11 +27,8 @@ def seq_norm(x: Tensor) -> Tensor:
     return rms(x).amax()
 
 
-def project_rms_ball(x: Tensor, radius: float | None) -> Tensor:
-    """Pull every token vector back to rms ≤ radius (None: no constraint)."""
-    if radius is None:
-        return x
-    return x * torch.clamp(radius / rms(x).clamp(min=1e-30), max=1.0)[..., None]
+def _into_ball(x: Tensor, radius: float | None) -> Tensor:
+    return x if radius is None else project_to_ball(x, radius)  # None: the whole space
 
 
 def _unit_rows(g: Tensor) -> Tensor:
@@ -70,8 +69,8 @@ def pair_ascent(f: Fn, x0: Tensor, radius: float | None, steps: int = 200, lr: f
     """
     gen = torch.Generator().manual_seed(seed)
     scale = float(seq_norm(x0)) or 1.0
-    x = project_rms_ball(x0.clone(), radius).requires_grad_(True)
-    y = project_rms_ball(x0 + separation * scale * torch.randn(x0.shape, generator=gen, dtype=x0.dtype),
+    x = _into_ball(x0.clone(), radius).requires_grad_(True)
+    y = _into_ball(x0 + separation * scale * torch.randn(x0.shape, generator=gen, dtype=x0.dtype),
                          radius).detach().requires_grad_(True)
     opt = torch.optim.Adam([x, y], lr=lr * scale)
     best = 0.0
@@ -84,8 +83,8 @@ def pair_ascent(f: Fn, x0: Tensor, radius: float | None, steps: int = 200, lr: f
         (-ratio).backward()
         opt.step()
         with torch.no_grad():
-            x.copy_(project_rms_ball(x, radius))
-            y.copy_(project_rms_ball(y, radius))
+            x.copy_(_into_ball(x, radius))
+            y.copy_(_into_ball(y, radius))
     return best
 
 
@@ -93,7 +92,7 @@ def output_ascent(f: Fn, x0: Tensor, radius: float | None, steps: int = 100, lr:
     """Lower bound on sup ‖f(x)‖ over {rms ≤ radius}: projected gradient ascent on the output."""
     scale = float(seq_norm(x0)) or 1.0
     with torch.enable_grad():
-        x = project_rms_ball(x0.clone(), radius).requires_grad_(True)
+        x = _into_ball(x0.clone(), radius).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=lr * scale)
         best = 0.0
         for _ in range(steps):
@@ -103,7 +102,7 @@ def output_ascent(f: Fn, x0: Tensor, radius: float | None, steps: int = 100, lr:
             (-out).backward()
             opt.step()
             with torch.no_grad():
-                x.copy_(project_rms_ball(x, radius))
+                x.copy_(_into_ball(x, radius))
     return best
 
 
@@ -111,5 +110,5 @@ def empirical_lipschitz(f: Fn, x0: Tensor, radius: float | None, seed: int = 0, 
     """The best of Jacobian ascent at x0 and pair ascent around it (both lower bounds)."""
     # the math attention kernel is built from differentiable ops, so double backward (JVPs) works
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-        return max(jacobian_ascent(f, project_rms_ball(x0, radius), seed=seed),
+        return max(jacobian_ascent(f, _into_ball(x0, radius), seed=seed),
                    pair_ascent(f, x0, radius, steps=steps, seed=seed))

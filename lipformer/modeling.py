@@ -19,8 +19,9 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .config import LipformerConfig
-from .nn import (Block, CappedLinear, InputBall, MaxRMSEmbedding, ModelBound, compose_bounds,
-                 constrained_modules, rope_tables)
+from .nn import (Block, CappedLinear, InputBall, MaxRMSEmbedding, ModelBound, SpectralLinear, compose_bounds,
+                 constrained_modules, dense_linear, rope_tables)
+from .poet import POETLinear
 
 
 CERTIFICATE_NAME = "certificate.json"
@@ -82,6 +83,14 @@ def check_model_folder(folder: str | os.PathLike) -> None:
         raise OSError(f"{weights} is unreadable or truncated ({reason}); re-save the model") from None
 
 
+def make_linear(config: LipformerConfig, d_in: int, d_out: int, kind: str) -> SpectralLinear:
+    """The blocks' matrices, of the configured kind: dense capped, or POET with every σ at the cap."""
+    if config.linear == "poet":
+        return POETLinear(d_in, d_out, config.w_max[kind], kind, block_size=config.poet_block_size,
+                          neumann_terms=config.poet_neumann_terms, init="uniform_spectrum")
+    return dense_linear(config, d_in, d_out, kind)
+
+
 class LipformerPreTrainedModel(PreTrainedModel):
     config_class = LipformerConfig
     base_model_prefix = "model"
@@ -118,8 +127,8 @@ class LipformerPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # transformers 5 calls this for weights it did not load; the guarded `init.*` helpers skip
         # tensors it did load, so from_pretrained never overwrites a checkpoint's weights.
-        if isinstance(module, CappedLinear) and getattr(module, "needs_projection", True):
-            init.orthogonal_(module.weight, gain=module.sigma_cap)  # (POET layers init their own W0)
+        if isinstance(module, CappedLinear):  # (POET layers init their own W0)
+            init.orthogonal_(module.weight, gain=module.sigma_cap)
         elif isinstance(module, MaxRMSEmbedding):
             fresh = torch.randn_like(module.weight, dtype=torch.float32)
             fresh = fresh * (module.w_max / fresh.pow(2).mean(-1, keepdim=True).sqrt())
@@ -151,7 +160,7 @@ class LipformerModel(LipformerPreTrainedModel):
         super().__init__(config)
         self.embed = MaxRMSEmbedding(config.vocab_size, config.hidden_size, config.w_max["embed"])
         self.ball = InputBall(config.input_radius)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, make_linear) for _ in range(config.num_hidden_layers))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -11,11 +11,12 @@ edited outside the projection step). `|entry| ≤ √d · rms` bounds the larges
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import Tensor
+
+from .nn import project_to_ball
 
 POLICIES = ("raise", "warn", "clip")
 
@@ -69,13 +70,7 @@ class ActivationMonitor:
                 self._warned.add(name)
             return None
         # shrink slightly inside the ball so rounding in the product cannot land just outside it
-        scale = torch.clamp(limit * (1 - 1e-6) / rms.clamp(min=1e-30), max=1.0)[..., None]
-        return out * scale.to(out.dtype)
-
-    def abs_limits(self) -> dict[str, float]:
-        """Largest |entry| each watched output can have: √d · its rms bound."""
-        d = self.model.config.hidden_size
-        return {n: math.sqrt(self.model.config.vocab_size if n == "head" else d) * v for n, v in self.limits.items()}
+        return project_to_ball(out, limit * (1 - 1e-6))
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,14 +90,40 @@ def _sigma(weight: Tensor, heads: int | None = None) -> Tensor:
     return value
 
 
-class CappedLinear(nn.Module):
-    """y = x Wᵀ with a cap w_max on the RMS→RMS norm √(d_in/d_out)·σ_max(W). No bias."""
+def _rms(x: Tensor) -> Tensor:
+    return x.pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def project_to_ball(x: Tensor, radius: float | Tensor) -> Tensor:
+    """Each token vector (last dimension) moved onto {rms ≤ radius}: the nearest point, so 1-Lipschitz.
+
+    `radius` may be a tensor broadcastable against x's leading dimensions with a trailing 1. The rms
+    is taken in at least float32, so bf16 rows are not pushed outside the ball by a rounded norm.
+    """
+    wide = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    scale = torch.clamp(radius / _rms(wide).clamp(min=1e-30), max=1.0)
+    return x * scale.to(x.dtype)
+
+
+# The projection step hands each module its map (matrix, cap on σ_max) ↦ matrix with σ_max ≤ cap.
+Cap = Callable[[Tensor, float], Tensor]
+
+
+class SpectralLinear(nn.Module):
+    """y = x Wᵀ (no bias) for a matrix W whose RMS→RMS norm √(d_in/d_out)·σ_max(W) is capped at w_max.
+
+    What W is and how it is kept under the cap belongs to the subclass (`CappedLinear`: a Parameter
+    capped by the projection step; `lipformer.poet.POETLinear`: R·W0·P, capped when it is merged).
+    Everything a certificate needs is here and reads the actual `weight`: its sound norm and bound.
+    """
 
     def __init__(self, d_in: int, d_out: int, w_max: float, kind: str):
         super().__init__()
-        self.d_in, self.d_out, self.w_max, self.kind = d_in, d_out, float(w_max), kind
-        self.weight = nn.Parameter(torch.empty(d_out, d_in))
-        self.reset_parameters()
+        if not (math.isfinite(w_max) and w_max > 0):
+            raise ValueError(f"w_max must be positive and finite, got {w_max}")
+        self.d_in, self.d_out, self.w_max, self.kind = int(d_in), int(d_out), float(w_max), kind
+
+    weight: Tensor  # a Parameter or a computed tensor, (d_out, d_in)
 
     @property
     def rms_scale(self) -> float:
@@ -108,16 +135,11 @@ class CappedLinear(nn.Module):
         """The cap expressed on the plain σ_max."""
         return self.w_max / self.rms_scale
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        # Orthogonal at the cap: every singular value equal to sigma_cap, the modula/MIT init.
-        nn.init.orthogonal_(self.weight)
-        self.weight.mul_(self.sigma_cap)
-
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
 
     def norm_upper(self) -> float:
+        """Sound upper bound on the RMS→RMS norm of the current weight (never the cap)."""
         return self.rms_scale * float(_sigma(self.weight))
 
     def bound(self, input_bound: float) -> Bound:
@@ -128,18 +150,32 @@ class CappedLinear(nn.Module):
         s = float(_sigma(self.weight))
         return WeightBound(name, s, self.w_max, self.rms_scale * s)
 
+    def project(self, cap: Cap) -> None:
+        """Put the weight back under its cap (the projection step calls this after each optimizer step)."""
+        raise NotImplementedError
 
-def make_linear(config: LipformerConfig, d_in: int, d_out: int, kind: str) -> CappedLinear:
-    """A capped matrix of the configured kind: dense, or POET (lipformer.poet) at its cap."""
-    if config.linear == "poet":
-        from .poet import POETLinear  # poet builds on this module
-        return POETLinear(d_in, d_out, config.w_max[kind], kind, block_size=config.poet_block_size,
-                          neumann_terms=config.poet_neumann_terms, init="uniform_spectrum")
-    return CappedLinear(d_in, d_out, config.w_max[kind], kind)
+
+class CappedLinear(SpectralLinear):
+    """A dense capped matrix: a Parameter, put back under its cap by the projection step."""
+
+    def __init__(self, d_in: int, d_out: int, w_max: float, kind: str):
+        super().__init__(d_in, d_out, w_max, kind)
+        self.weight = nn.Parameter(torch.empty(self.d_out, self.d_in))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Orthogonal at the cap: every singular value equal to sigma_cap, the modula/MIT init.
+        nn.init.orthogonal_(self.weight)
+        self.weight.mul_(self.sigma_cap)
+
+    @torch.no_grad()
+    def project(self, cap: Cap) -> None:
+        self.weight.copy_(cap(self.weight, self.sigma_cap))
 
 
 class MaxRMSEmbedding(nn.Embedding):
-    """Token embedding whose rows (token vectors) have rms ≤ w_max; the projection clips rows."""
+    """Token embedding whose rows (token vectors) have rms ≤ w_max; its projection clips rows."""
 
     def __init__(self, vocab_size: int, dim: int, w_max: float):
         self.w_max, self.kind = float(w_max), "embed"
@@ -150,14 +186,15 @@ class MaxRMSEmbedding(nn.Embedding):
         nn.init.normal_(self.weight)
         self.weight.mul_(self.w_max / _rms(self.weight).clamp(min=1e-12))
 
+    @torch.no_grad()
+    def project(self, cap: Cap | None = None) -> None:
+        # row by row: a DTensor sharded by rows (FSDP2) clips its own rows, nothing to gather
+        self.weight.copy_(project_to_ball(self.weight, self.w_max))
+
     def weight_bound(self, name: str) -> WeightBound:
         # As a map from one-hot tokens (ℓ1) to rms: the largest row rms. Not part of the body bound.
         r = float(_rms(self.weight.detach().double()).max())
         return WeightBound(name, r, self.w_max, r)
-
-
-def _rms(x: Tensor) -> Tensor:
-    return x.pow(2).mean(-1, keepdim=True).sqrt()
 
 
 class InputBall(nn.Module):
@@ -172,10 +209,19 @@ class InputBall(nn.Module):
         self.radius = float(radius)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.clamp(self.radius / _rms(x).clamp(min=1e-30), max=1.0)
+        return project_to_ball(x, self.radius)
 
     def bound(self, input_bound: float) -> Bound:
         return Bound(1.0, min(input_bound, self.radius))
+
+
+# Which matrix class the blocks are built from is chosen where the model is assembled
+# (`lipformer.modeling.make_linear`: dense or POET); this module only needs the signature.
+LinearFactory = Callable[[LipformerConfig, int, int, str], SpectralLinear]
+
+
+def dense_linear(config: LipformerConfig, d_in: int, d_out: int, kind: str) -> CappedLinear:
+    return CappedLinear(d_in, d_out, config.w_max[kind], kind)
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -195,11 +241,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     """Causal multi-head attention: scores c·q·k/d_head on RoPE'd q, k; output W_o(attn(V))/3."""
 
-    def __init__(self, config: LipformerConfig):
+    def __init__(self, config: LipformerConfig, linear: LinearFactory = dense_linear):
         super().__init__()
-        d, w = config.hidden_size, config.w_max
+        d = config.hidden_size
         self.heads, self.head_dim, self.scale = config.num_attention_heads, config.head_dim, config.softmax_scale
-        self.q, self.k, self.v, self.o = (make_linear(config, d, d, kind) for kind in ("q", "k", "v", "o"))
+        self.q, self.k, self.v, self.o = (linear(config, d, d, kind) for kind in ("q", "k", "v", "o"))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
                 cache=None, layer_idx: int | None = None) -> Tensor:
@@ -247,11 +293,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """W_out · gelu(W_in x) / 1.1289."""
 
-    def __init__(self, config: LipformerConfig):
+    def __init__(self, config: LipformerConfig, linear: LinearFactory = dense_linear):
         super().__init__()
         d, h = config.hidden_size, config.intermediate_size
-        self.fc_in = make_linear(config, d, h, "mlp_in")
-        self.fc_out = make_linear(config, h, d, "mlp_out")
+        self.fc_in = linear(config, d, h, "mlp_in")
+        self.fc_out = linear(config, h, d, "mlp_out")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc_out(F.gelu(self.fc_in(x)) / GELU_DIVISOR)
@@ -273,11 +319,11 @@ def residual_bound(alpha: float, input_bound: float, branch: Bound) -> Bound:
 
 
 class Block(nn.Module):
-    def __init__(self, config: LipformerConfig):
+    def __init__(self, config: LipformerConfig, linear: LinearFactory = dense_linear):
         super().__init__()
         self.alpha = config.residual_alpha
-        self.attn = Attention(config)
-        self.mlp = MLP(config)
+        self.attn = Attention(config, linear)
+        self.mlp = MLP(config, linear)
 
     def forward(self, x: Tensor, rope, mask=None, cache=None, layer_idx=None) -> Tensor:
         a = self.alpha
@@ -311,7 +357,7 @@ def float64_linear_error(n: int) -> float:
     return spectral.gamma(n) * math.sqrt(n)
 
 
-def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
+def compose_bounds(ball: InputBall, layers: list[Block], head: SpectralLinear,
                    constrained: list[tuple[str, nn.Module]], *, positions: int) -> ModelBound:
     """Compose every module's bound into the model's (docs/lipschitz.md §5).
 
@@ -346,4 +392,4 @@ def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
 
 def constrained_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) for every weight that carries a cap, names as in the state dict."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (CappedLinear, MaxRMSEmbedding))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SpectralLinear, MaxRMSEmbedding))]

@@ -47,10 +47,11 @@ uses, so the function is unchanged bit for bit), Q ← 0, draws fresh permutatio
 optimizer state of the Q parameters. `merge_all(model, optimizer)` does it for a whole model,
 `poetize(model)` turns a dense lipformer model's capped linears into POET layers.
 
-Notes for integration: `POETLinear` subclasses `CappedLinear`, so `nn.constrained_modules` lists
-it in the certificate's weight table and `Attention.bound`'s `_sigma(m.weight, H)` sees the
-effective matrix. `weight` is a computed tensor, not a Parameter: writing into it (as a projection
-step would) has no effect — projection code should skip modules with `needs_projection = False`.
+Notes for integration: `POETLinear` is a `SpectralLinear` like the dense `CappedLinear`, so the
+certificate's weight table and `Attention.bound`'s `_sigma(m.weight, H)` see the effective matrix.
+`weight` is a computed tensor, not a Parameter; the layer's own `project` is what the projection
+step calls: it caps W0 right after a merge (when W0 *is* the effective weight) and is a no-op
+between merges, where the orthogonal factors are the constraint.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import spectral
-from .nn import Bound, CappedLinear, WeightBound
+from .nn import Cap, CappedLinear, SpectralLinear
 
 INITS = ("normalized_gaussian", "uniform_spectrum")
 DEFAULT_BLOCK_SIZE = 256
@@ -240,7 +241,7 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Itera
     return cleared
 
 
-class POETLinear(CappedLinear):
+class POETLinear(SpectralLinear):
     """y = x Wᵀ with W = R W0 P (no bias); R, P block-stochastic Cayley–Neumann orthogonals.
 
     Args:
@@ -261,19 +262,15 @@ class POETLinear(CappedLinear):
     Trainable parameters: `poet_trainable_params(in_features, out_features, block_size)`.
     """
 
-    needs_projection = False
-
     def __init__(self, in_features: int, out_features: int, w_max: float = 1.0, kind: str = "q",
                  block_size: int = DEFAULT_BLOCK_SIZE, neumann_terms: int = 5,
                  init: str = "normalized_gaussian", seed: int | None = None, device=None, dtype=None):
-        nn.Module.__init__(self)  # not CappedLinear.__init__: `weight` is computed, not a Parameter
+        super().__init__(in_features, out_features, w_max, kind)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if int(neumann_terms) < 1:
             raise ValueError(f"neumann_terms must be >= 1, got {neumann_terms}")
-        if not (math.isfinite(w_max) and w_max > 0):
-            raise ValueError(f"w_max must be positive and finite, got {w_max}")
-        self.d_in, self.d_out, self.w_max, self.kind = int(in_features), int(out_features), float(w_max), kind
+        self._merged = False  # W0 changed by a merge and not yet projected
         self.block_size, self.neumann_terms, self.init = int(block_size), int(neumann_terms), init
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), device="cpu").item())  # also under HF's meta-device init
@@ -326,23 +323,17 @@ class POETLinear(CappedLinear):
         """(R, P) as dense matrices."""
         return self.rot_out.matrix(), self.rot_in.matrix()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+    @torch.no_grad()
+    def project(self, cap: Cap) -> None:
+        """The projection step for POET: cap W0 right after a merge, when it *is* the effective weight.
 
-    def _sound_sigma(self) -> float:
-        with torch.no_grad():
-            return float(spectral.sigma_upper(self.weight))
-
-    def norm_upper(self) -> float:
-        return self.rms_scale * self._sound_sigma()
-
-    def bound(self, input_bound: float) -> Bound:
-        n = self.norm_upper()
-        return Bound(n, n * input_bound)
-
-    def weight_bound(self, name: str) -> WeightBound:
-        s = self._sound_sigma()
-        return WeightBound(name, s, self.w_max, self.rms_scale * s)
+        Between merges the (nearly) orthogonal factors are the constraint and there is nothing to
+        do; Cayley–Neumann factors can only stretch σ (by 1 + O(‖Q‖^{k+1})), and without this cap
+        the stretch would compound over merges. The certificate measures the effective matrix anyway.
+        """
+        if self._merged:
+            self.w0.copy_(cap(self.w0, self.sigma_cap))
+            self._merged = False
 
     def neumann_spectrum_factor(self) -> tuple[float, float]:
         """(lo, hi) with lo·σ_i(W0) ≤ σ_i(W) ≤ hi·σ_i(W0) in exact arithmetic (module docstring).
@@ -369,6 +360,7 @@ class POETLinear(CappedLinear):
         self.rot_out.reinitialize()
         self.rot_in.reinitialize()
         reset_optimizer_state(optimizer, self.q_parameters())
+        self._merged = True
 
     def extra_repr(self) -> str:
         return (f"in_features={self.d_in}, out_features={self.d_out}, w_max={self.w_max}, kind={self.kind!r}, "
@@ -380,20 +372,12 @@ def poet_modules(model: nn.Module) -> list[tuple[str, POETLinear]]:
 
 
 @torch.no_grad()
-def merge_all(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-              cap_method: str | None = None) -> int:
-    """Merge every POETLinear of `model` (the trainer calls this every `merge_every` steps).
-
-    With `cap_method` (see `spectral.hard_cap`) each merged W0 is then hard-capped at the layer's
-    cap: right after a merge the effective weight *is* W0, so this is the projection step for
-    POET. Cayley–Neumann factors can only stretch σ (by 1 + O(‖Q‖^{k+1})), and without it the
-    stretch compounds over merges.
-    """
+def merge_all(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Merge every POETLinear of `model` (the trainer calls this every `merge_every` steps, before
+    the projection step, which then caps each merged W0 through `POETLinear.project`)."""
     layers = poet_modules(model)
     for _, layer in layers:
         layer.merge_then_reinitialize(optimizer)
-        if cap_method is not None:
-            layer.w0.copy_(spectral.hard_cap(layer.w0, layer.sigma_cap, cap_method))
     return len(layers)
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lipformer.config import LipformerConfig
-from lipformer.empirical import empirical_lipschitz, output_ascent, project_rms_ball, seq_norm
+from lipformer.empirical import empirical_lipschitz, output_ascent, seq_norm
+from lipformer.nn import project_to_ball
 from lipformer.nn import (GELU_DIVISOR, GELU_LIPSCHITZ, GELU_MAX_SLOPE, MLP, Attention, Block,
                           CappedLinear, rope_tables)
 from lipformer.modeling import LipformerForCausalLM
@@ -40,7 +41,7 @@ def perturb_weights(module, mode, seed=0):
 def inputs(shape, radius, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
-    return project_rms_ball(x * 10, radius)  # every token on the sphere of the domain
+    return x * 10 if radius is None else project_to_ball(x * 10, radius)  # every token on the domain's sphere
 
 
 def attention_fn(attn, T):

@@ -244,7 +244,8 @@ def test_near_tied_head_rows_get_no_radius_from_rounding():
 def _float32_units(monkeypatch):
     """Evaluate the §6a error bound with float32's unit roundoff instead of float64's."""
     from lipformer import nn as lnn
-    monkeypatch.setattr(spectral, "_U64", 2.0**-24)
+    from lipformer.spectral import sigma
+    monkeypatch.setattr(sigma, "_U64", 2.0**-24)
     monkeypatch.setattr(lnn, "_U64", 2.0**-24)
 
 

@@ -29,6 +29,7 @@ from lipformer import LipformerConfig, LipformerForCausalLM, certify
 from lipformer.constraints import SpectralProjection
 from lipformer.monitor import ActivationMonitor
 from lipformer.optim import build_optimizer
+from lipformer.poet import merge_all
 
 from . import data as D
 from . import distributed as dist_utils
@@ -336,9 +337,9 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        project()
         if t.merge_every and (step + 1) % t.merge_every == 0:
-            _merge_poet(model, optimizer)
+            merge_all(model, optimizer)  # before the projection step, which caps each merged W0
+        project()
         done = step + 1
         record = {"step": done, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                   "tokens": done * tokens_per_step, "elapsed": time.time() - t0}
@@ -376,12 +377,6 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     if world > 1:  # rank 0's result on every rank, once its files are written
         result = dist_utils.on_main(lambda: result)
     return result
-
-
-def _merge_poet(model, optimizer) -> None:
-    from lipformer.poet import merge_all
-    config = model.config
-    merge_all(model, optimizer, cap_method=None if config.constraint == "none" else config.cap_method)
 
 
 def _finish(out: Path, model, tokenizer, val_data, t) -> dict:
