@@ -23,15 +23,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_errors():
     """The exceptions that mean bad input to `train`/`demo` (imported lazily: training is optional)."""
-    from training.data import DataError
-    from training.recipe import RecipeError
+    from lipformer.training.data import DataError
+    from lipformer.training.recipe import RecipeError
     return (RecipeError, DataError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.distributed import init_from_env
-    from training.recipe import load_recipe
-    from training.train import TrainingStopped, run
+    from lipformer.training.distributed import init_from_env
+    from lipformer.training.recipe import load_recipe
+    from lipformer.training.train import TrainingStopped, run
 
     try:
         recipe = load_recipe(args.preset, args.config, args.overrides)
@@ -59,8 +59,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Prepare Shakespeare, train the `demo` preset on CPU, certify, generate a sample."""
     import torch
 
-    from training.recipe import load_recipe
-    from training.train import run
+    from lipformer.training.recipe import load_recipe
+    from lipformer.training.train import run
 
     try:
         recipe = load_recipe("demo", None, args.overrides)

@@ -2,7 +2,7 @@
 
 Trains AdamW, Muon, ROOT, LPSGDM, ALTO and POET+AdamW, each with `model.constraint=hard_cap` and
 `none`, at 3 model sizes on Shakespeare (char) for a fixed step budget, through the real training
-loop (`training.train.run` on the `tiny` preset with overrides). Compute C = 6 · params · tokens
+loop (`lipformer.training.train.run` on the `tiny` preset with overrides). Compute C = 6 · params · tokens
 (params: the dense-equivalent count of the model, embedding and head included; POET uses the same
 count since its forward multiplies by the full W). Per optimizer and constraint it fits
 log(val_loss) = a + b·log(C) over the sizes, and reports the compute-equivalent gain over AdamW
@@ -68,8 +68,8 @@ def train_one(job: dict) -> dict:
     import torch
     torch.set_num_threads(job["threads"])
     from lipformer import LipformerConfig, LipformerForCausalLM
-    from training.recipe import load_recipe
-    from training.train import run
+    from lipformer.training.recipe import load_recipe
+    from lipformer.training.train import run
 
     recipe = load_recipe("tiny", None, job["overrides"])
     t0 = time.time()
@@ -205,7 +205,7 @@ def main() -> None:
         k, _, v = item.partition("=")
         lrs[k] = float(v)
 
-    from training.data import prepare_shakespeare
+    from lipformer.training.data import prepare_shakespeare
     vocab = int(prepare_shakespeare()["vocab_size"])  # cached once here, not raced by the workers
     opts = [o for o in args.optimizers.split(",") if o]
     jobs = [dict(opt=o, constraint=c, size=list(size), lr=lrs[o], vocab=vocab, threads=args.threads,

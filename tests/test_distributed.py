@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from training.data import build_char_corpus
+from lipformer.training.data import build_char_corpus
 
 CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n") * 20
@@ -131,10 +131,10 @@ def test_sharded_orthogonalization_is_bit_identical_to_unsharded(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# DDP through training.train.run
+# DDP through lipformer.training.train.run
 
 def _recipe(corpus, *extra):
-    from training.recipe import load_recipe
+    from lipformer.training.recipe import load_recipe
     return load_recipe("tiny", None, ["data.dataset=char_dir", f"data.path={corpus}", "train.max_steps=8",
                                       "train.eval_every=4", "train.checkpoint_every=4", "train.log_every=1",
                                       *extra])
@@ -146,7 +146,7 @@ def _quiet(*_):
 
 def _ddp_worker(rank, init_method, tmp, corpus, batch, extra):
     _init(rank, init_method)
-    from training.train import run
+    from lipformer.training.train import run
     r = _recipe(corpus, f"train.batch_size={batch}", *extra)
     result = run(r, os.path.join(tmp, "ddp"), progress=False, log=_quiet)
     with open(os.path.join(tmp, f"result-{rank}.json"), "w") as f:
@@ -165,7 +165,7 @@ def _rows(folder):
 def test_ddp_two_processes_match_one_process_at_the_same_global_batch(corpus, tmp_path, optimizer, lr, weight_tol):
     from safetensors.torch import load_file
 
-    from training.train import run
+    from lipformer.training.train import run
     torch.set_num_threads(1)
     extra = [f"train.optimizer={optimizer}", f"train.lr={lr}"]
     single = run(_recipe(corpus, "train.batch_size=16", *extra), tmp_path / "single", progress=False, log=_quiet)
@@ -197,8 +197,8 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(corpus, tm
 
 def _resume_worker(rank, init_method, tmp, corpus):
     _init(rank, init_method)
-    from training.recipe import RecipeError
-    from training.train import run
+    from lipformer.training.recipe import RecipeError
+    from lipformer.training.train import run
     r = _recipe(corpus)
     run(r, os.path.join(tmp, "straight"), progress=False, log=_quiet)
     run(r, os.path.join(tmp, "split"), max_steps=3, progress=False, log=_quiet)
@@ -261,7 +261,7 @@ def _run_fsdp_case(name, constraint, shard=None, steps=3):
     from lipformer.constraints import SpectralProjection
     from lipformer.optim import build_optimizer
     from lipformer.sharding import local_part
-    from training import distributed as dist_utils
+    from lipformer.training import distributed as dist_utils
     model = _fsdp_model()
     if shard is not None:
         shard(model)
@@ -283,7 +283,7 @@ def _run_fsdp_case(name, constraint, shard=None, steps=3):
 
 def _fsdp_optim_worker(rank, init_method, tmp):
     _init(rank, init_method)
-    from training import distributed as dist_utils
+    from lipformer.training import distributed as dist_utils
     results = {}
     for name, constraint in FSDP_CASES:
         results[name] = _run_fsdp_case(name, constraint,
@@ -328,7 +328,7 @@ def test_fsdp_optimizers_and_projection_use_whole_matrices(tmp_path):
 
 def _fsdp_worker(rank, init_method, tmp, corpus):
     _init(rank, init_method)
-    from training.train import run
+    from lipformer.training.train import run
     r = _recipe(corpus, "train.batch_size=8", "train.parallel=fsdp")
     result = run(r, os.path.join(tmp, "fsdp"), progress=False, log=_quiet)
     run(r, os.path.join(tmp, "split"), max_steps=3, progress=False, log=_quiet)
@@ -343,7 +343,7 @@ def test_fsdp_two_processes_match_one_process_and_resume_exactly(corpus, tmp_pat
 
     from lipformer import LipformerForCausalLM
     from lipformer.nn import CappedLinear
-    from training.train import run
+    from lipformer.training.train import run
     torch.set_num_threads(1)
     single = run(_recipe(corpus, "train.batch_size=16"), tmp_path / "single", progress=False, log=_quiet)
     _spawn(_fsdp_worker, tmp_path, corpus)
@@ -378,7 +378,7 @@ def test_fsdp_two_processes_match_one_process_and_resume_exactly(corpus, tmp_pat
 
 
 def test_parallel_switch_is_validated(corpus):
-    from training.recipe import RecipeError
+    from lipformer.training.recipe import RecipeError
     assert _recipe(corpus).train.parallel == "ddp"
     with pytest.raises(RecipeError, match=r"^\[train\] parallel must be ddp or fsdp, got 'zero'$"):
         _recipe(corpus, "train.parallel=zero")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from lipformer import LipformerConfig, LipformerForCausalLM
 from lipformer.cli import main
 from lipformer.tokenization import char_tokenizer
-from training.data import DataError, build_char_corpus, load_tokens, read_shard
+from lipformer.training.data import DataError, build_char_corpus, load_tokens, read_shard
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 VOCAB = TEXT + "ROMEO:"  # (the demo's prompt)
@@ -192,7 +192,7 @@ def test_bad_recipe_values_are_refused_before_the_output_folder_is_touched(extra
 def test_overrides_may_follow_options(corpus, tmp_path, monkeypatch, capsys):
     """`train --preset tiny a.b=1 --out X c.d=2`: both runs of overrides reach the recipe."""
     seen = {}
-    monkeypatch.setattr("training.train.run", lambda recipe, out, **kw: seen.update(r=recipe) or {"step": 1})
+    monkeypatch.setattr("lipformer.training.train.run", lambda recipe, out, **kw: seen.update(r=recipe) or {"step": 1})
     assert main(["train", "--preset", "tiny", "data.dataset=char_dir", "--out", str(tmp_path / "r"),
                  f"data.path={corpus}", "train.lr=0.125", "--max-steps", "1", "train.seed=3"]) == 0
     assert seen["r"].train.lr == 0.125 and seen["r"].train.seed == 3 and seen["r"].data.path == str(corpus)
@@ -264,7 +264,7 @@ _TOKENS = ["inspect", "certify", "generate", "train", "demo", "GOOD", "BAD", "MI
 @given(argv=st.lists(st.sampled_from(_TOKENS), min_size=0, max_size=8))
 def test_fuzz_cli_arguments_exit_0_or_2_without_a_traceback(argv, cli_world, monkeypatch, capsys):
     # training itself is stubbed: this fuzzes parsing and validation, not the optimizer
-    monkeypatch.setattr("training.train.run", lambda recipe, out, **kw: {
+    monkeypatch.setattr("lipformer.training.train.run", lambda recipe, out, **kw: {
         "step": 1, "final": cli_world["GOOD"], "certified_accuracy": {"0.001": 0.0}})
     argv = [cli_world.get(a, a).replace("CORPUS", cli_world["CORPUS"]) for a in argv]
     try:
@@ -332,7 +332,7 @@ def _recipe_args(corpus, out, *extra):
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(corpus, tmp_path, monkeypatch, capsys):
     """torch.save fails with ENOSPC on the second checkpoint: one line, step-2 checkpoint intact, resumable."""
-    from training.train import find_checkpoint
+    from lipformer.training.train import find_checkpoint
     out = tmp_path / "run"
     args = _recipe_args(corpus, out, "train.max_steps=6", "train.checkpoint_every=2")
     real_save, calls = torch.save, []
@@ -362,7 +362,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(corpus, tmp_path, 
 def test_kill_9_at_random_points_then_resume_is_bit_identical(corpus, tmp_path):
     """SIGKILL the trainer three times (checkpoints every step, so kills land inside writes too),
     `--resume` after each; the final weights equal an uninterrupted run's, bit for bit."""
-    from training.train import find_checkpoint
+    from lipformer.training.train import find_checkpoint
     steps = 36
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count (so float sums) in every process
 

