@@ -1,0 +1,65 @@
+"""Evaluation during and after training: val loss/accuracy and certified-and-correct accuracy."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from lipformer import certify
+
+from .recipe import RecipeError
+
+
+def autocast(dtype: str, device: torch.device):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype != "bfloat16":
+        raise RecipeError(f"train.dtype must be float32 or bfloat16, got {dtype!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model, val, batches: int, dtype: str, device) -> dict:
+    """Validation loss and next-token accuracy on `batches` batches, from a fixed position."""
+    state = val.state_dict()
+    val.reset()
+    model.eval()
+    losses, correct, total = [], 0, 0
+    for _ in range(batches):
+        x, y = (t.to(device) for t in val.next_batch())
+        with autocast(dtype, device):
+            logits = model(x, use_cache=False).logits
+        losses.append(float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))))
+        correct += int((logits.argmax(-1) == y).sum())
+        total += y.numel()
+    model.train()
+    val.load_state_dict(state)
+    return {"val_loss": sum(losses) / len(losses), "val_acc": correct / total}
+
+
+@torch.no_grad()
+def certified_accuracy(model, val, radii, batches: int = 4) -> dict:
+    """Fraction of val next-token predictions that are correct AND certified at radius ε."""
+    m64 = certify.float64_copy(model).cpu()
+    bounds = m64.bounds()
+    state = val.state_dict()
+    val.reset()
+    hits = {f"{r:g}": 0 for r in radii}
+    correct = total = 0
+    for _ in range(batches):
+        x, y = val.next_batch()
+        if x.size(1) > m64.config.max_position_embeddings:
+            raise ValueError("certified_accuracy: val sequences are longer than the bounds allow")
+        hidden = m64.model(x.cpu(), use_cache=False).last_hidden_state
+        # positions are independent: certify every (row, t) of the batch in one call
+        pred, _, radius = certify.radii_from_hidden(hidden, m64.head.weight, bounds)
+        ok = pred == y.reshape(-1)
+        correct += int(ok.sum())
+        total += y.numel()
+        for r in radii:
+            hits[f"{r:g}"] += int((ok & (radius >= r)).sum())
+    val.load_state_dict(state)
+    return {"accuracy": correct / total, "certified_accuracy": {k: v / total for k, v in hits.items()},
+            "lipschitz_total": bounds.total, "lipschitz_body": bounds.body, "positions": total}
