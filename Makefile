@@ -36,8 +36,12 @@ test-all: setup
 demo: setup
 	$(PY) -m lipformer.cli demo
 
+# The recorded benchmarks: each appends its table, with machine and date, to docs/benchmarks.md.
 bench: setup
-	$(PY) scripts/bench_spectral.py
+	$(PY) scripts/bench_orthogonalize.py
+	$(PY) scripts/bench_train_step.py
+	$(PY) scripts/bench_certify.py
+	$(PY) scripts/bench_poet.py --append docs/benchmarks.md
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -11,6 +11,7 @@ from torch import nn
 
 from lipformer import spectral
 from lipformer.config import LipformerConfig
+from lipformer.modeling import LipformerForCausalLM
 from lipformer.nn import CappedLinear
 from lipformer.optim import (ALTO, LPSGD, LPSGDM, OPTIMIZERS, ROOT, ROOT_COEFFICIENTS, EAdaptor, Lamb, Muon,
                              annealed_p, build_optimizer, fit_coefficients, lp_direction, root_coefficients,
@@ -34,20 +35,11 @@ def tiny_model(seed=0):
     torch.manual_seed(seed)
     cfg = LipformerConfig(vocab_size=11, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           max_position_embeddings=16)
-    try:
-        from lipformer.nn import LipschitzTransformer
-        return LipschitzTransformer(cfg)
-    except ImportError:  # the model moved to the HF shell
-        from lipformer.modeling import LipformerForCausalLM
-        return LipformerForCausalLM(cfg)
+    return LipformerForCausalLM(cfg)
 
 
 def lm_loss(model, ids):
-    try:
-        out = model(ids[:, :-1], use_cache=False)
-    except TypeError:
-        out = model(ids[:, :-1])
-    logits = out.logits if hasattr(out, "logits") else out
+    logits = model(ids[:, :-1], use_cache=False).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
 
 

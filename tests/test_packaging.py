@@ -134,3 +134,16 @@ def test_fresh_venv_install_ignores_a_users_training_package(tmp_path):
                             "print(lipformer.__file__); print(t.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert str(venv) in check.stdout and str(ROOT) not in check.stdout, check.stdout
+
+
+def test_make_bench_runs_scripts_that_exist():
+    """`make bench` names only scripts that exist and whose options parse (`--help` exits 0)."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    scripts = [w for w in recipe.split() if w.startswith("scripts/") and w.endswith(".py")]
+    assert len(scripts) >= 4, recipe
+    for script in scripts:
+        assert (ROOT / script).is_file(), script
+        done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, (script, done.stderr[-500:])
