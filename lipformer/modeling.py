@@ -6,6 +6,7 @@ The modules and their bounds live in `lipformer.nn`; this file only wires them t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,11 @@ from torch import Tensor, nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, GenerationMixin,
                           PreTrainedModel)
 from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .config import LipformerConfig
 from .nn import (Block, CappedLinear, InputBall, MaxRMSEmbedding, ModelBound, compose_bounds,
@@ -85,8 +90,12 @@ def check_model_folder(folder: str | os.PathLike) -> None:
 class LipformerPreTrainedModel(PreTrainedModel):
     config_class = LipformerConfig
     base_model_prefix = "model"
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["DecoderBlock"]
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    supports_gradient_checkpointing = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -126,22 +135,22 @@ class LipformerPreTrainedModel(PreTrainedModel):
             init.copy_(module.weight, fresh.to(module.weight.dtype))
 
 
-def _attention_mask(attention_mask: Tensor | None, T: int, past: int, device) -> Tensor | None:
-    """Boolean (B, 1, T, past+T) mask: causal, bottom-right aligned, padded keys removed.
+class DecoderBlock(GradientCheckpointingLayer, Block):
+    """`nn.Block` with Hugging Face gradient checkpointing (`gradient_checkpointing_enable()`)."""
 
-    None when plain causal attention is exact (no padding, no cache), which keeps SDPA's fast path.
+
+def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                    scaling: float, dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor]:
+    """Plain softmax(q·kᵀ·scaling + mask)·v, returning the weights too (for output_attentions).
+
+    Unlike Llama's eager path the softmax stays in the inputs' dtype when that is wider than
+    float32: the float64 certification copy must not round its attention to float32.
     """
-    S = past + T
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and past == 0:
-        return None
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)[None, None]
-    if not padded:
-        return causal
-    mask = causal & attention_mask[:, -S:].bool()[:, None, None, :]
-    # a padded query with no visible key would give NaN; let it see itself (its output is unused)
-    itself = torch.arange(S, device=device)[None, :] == torch.arange(past, S, device=device)[:, None]
-    return mask | itself[None, None]
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class LipformerModel(LipformerPreTrainedModel):
@@ -151,7 +160,7 @@ class LipformerModel(LipformerPreTrainedModel):
         super().__init__(config)
         self.embed = MaxRMSEmbedding(config.vocab_size, config.hidden_size, config.w_max["embed"])
         self.ball = InputBall(config.input_radius)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_hidden_layers))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -160,30 +169,65 @@ class LipformerModel(LipformerPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values=None, inputs_embeds: Tensor | None = None,
-                use_cache: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
+                position_ids: Tensor | None = None, cache=None, inputs_embeds: Tensor | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.size(1)
         if use_cache is None:  # a cache only helps decoding: none in training
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
             if attention_mask is not None:  # left padding: real tokens count from 0
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
+                past = cache.get_seq_length() if cache is not None else 0
                 position_ids = torch.arange(past, past + T, device=x.device)[None]
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         rope = (cos[:, None], sin[:, None])
-        mask = _attention_mask(attention_mask, T, past, x.device)
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        # Attention weights exist only on the eager path (fused kernels never form them).
+        impl = "eager" if output_attentions else self.config._attn_implementation
+        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+                                  position_ids=position_ids) if impl == self.config._attn_implementation else \
+            _eager_mask(self.config, x, attention_mask, cache, position_ids)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
+        attentions = [] if output_attentions else None
+        scaling = self.config.softmax_scale / self.config.head_dim
+
+        def attend(module, q, k, v, attn_mask):
+            y, weights = interface(module, q, k, v, attn_mask, scaling=scaling, dropout=0.0, **kwargs)
+            if attentions is not None:
+                attentions.append(weights)
+            return y
+
         x = self.ball(x)
+        hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, past_key_values if use_cache else None, i)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+            x = layer(x, rope, mask=mask, cache=cache, layer_idx=i, attend=attend)
+            if hidden is not None:
+                hidden.append(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, cache=cache,
+                                       hidden_states=tuple(hidden) if hidden is not None else None,
+                                       attentions=tuple(attentions) if attentions is not None else None)
+
+
+def _eager_mask(config, x, attention_mask, cache, position_ids):
+    """The mask `create_causal_mask` builds for the eager interface (used when attentions are requested)."""
+    eager = copy.copy(config)
+    eager._attn_implementation = "eager"
+    return create_causal_mask(config=eager, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+                              position_ids=position_ids)
 
 
 class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
@@ -198,19 +242,25 @@ class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.head
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values=None, inputs_embeds: Tensor | None = None,
-                labels: Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int = 0,
+                position_ids: Tensor | None = None, cache=None, inputs_embeds: Tensor | None = None,
+                labels: Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        # `num_items_in_batch` (HF Trainer under gradient accumulation) is for the loss only
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, **kwargs)
         hidden = out.last_hidden_state
-        logits = self.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.head(hidden[:, keep])
         loss = None
-        if labels is not None:  # labels are the inputs: predict token t+1 from position t
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        if labels is not None:  # labels are the inputs: the loss shifts them (predict t+1 from t)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                      attentions=out.attentions)
 
     @torch.no_grad()
     def bounds(self) -> ModelBound:

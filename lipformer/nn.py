@@ -202,7 +202,9 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = (make_linear(config, d, d, kind) for kind in ("q", "k", "v", "o"))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
-                cache=None, layer_idx: int | None = None) -> Tensor:
+                cache=None, layer_idx: int | None = None, attend=None) -> Tensor:
+        """`attend(module, q, k, v, mask) -> (B, T, H, d_head)` replaces the built-in SDPA call:
+        the Hugging Face shell passes its attention-interface dispatch (eager / sdpa / flex) there."""
         B, T, _ = x.shape
         split = lambda t: t.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
         cos, sin = rope
@@ -211,6 +213,8 @@ class Attention(nn.Module):
         v = split(self.v(x))
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
+        if attend is not None:
+            return self.o(attend(self, q, k, v, mask).reshape(B, T, -1)) / ATTENTION_DIVISOR
         if mask is None and k.size(-2) != T:  # decoding with a cache: causal, aligned bottom-right
             mask = torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).tril(k.size(-2) - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -279,9 +283,9 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, rope, mask=None, cache=None, layer_idx=None) -> Tensor:
+    def forward(self, x: Tensor, rope, mask=None, cache=None, layer_idx=None, attend=None) -> Tensor:
         a = self.alpha
-        x = (1 - a) * x + a * self.attn(x, rope, mask, cache, layer_idx)
+        x = (1 - a) * x + a * self.attn(x, rope, mask, cache, layer_idx, attend)
         return (1 - a) * x + a * self.mlp(x)
 
     def bound(self, input_bound: float) -> tuple[Bound, Bound]:
