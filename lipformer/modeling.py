@@ -263,6 +263,38 @@ class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
                                       attentions=out.attentions)
 
     @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> MaxRMSEmbedding:
+        """Grow or shrink the vocabulary of the embedding and the head, keeping both inside their caps.
+
+        New rows are the mean of the old ones (zero with mean_resizing=False): a mean of rows has
+        rms ≤ the largest row's (convexity), and appending k mean rows to the head raises σ² by at
+        most a factor (1 + k/V) while the RMS→RMS scale √(d/V) falls by exactly that factor, so the
+        head's capped norm does not grow (docs/lipschitz.md §2). A shrunken head is rescaled if its
+        larger √(d/V) would push it past its cap. The certificate is recomputed from the weights.
+        """
+        old = self.model.embed
+        n = old.num_embeddings if new_num_tokens is None else int(new_num_tokens)
+        if pad_to_multiple_of:
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if n < 1:
+            raise ValueError(f"new_num_tokens must be at least 1, got {new_num_tokens}")
+        if n == old.num_embeddings:
+            return old
+        keep = min(n, old.num_embeddings)
+        embed = MaxRMSEmbedding(n, old.embedding_dim, old.w_max).to(old.weight)
+        head = CappedLinear(self.head.d_in, n, self.head.w_max, "head").to(self.head.weight)
+        for new, w in ((embed.weight, old.weight), (head.weight, self.head.weight)):
+            new.copy_(w.mean(0).expand_as(new) if mean_resizing else torch.zeros_like(new))
+            new[:keep] = w[:keep]
+        factor = head.rms_scale * float(torch.linalg.matrix_norm(head.weight.double(), ord=2))
+        if factor > head.w_max:
+            head.weight.mul_(head.w_max / factor * (1 - 1e-6))
+        self.model.embed, self.head = embed, head
+        self.config.vocab_size = n
+        return embed
+
+    @torch.no_grad()
     def bounds(self) -> ModelBound:
         """The certificate's bounds from the current weights (docs/lipschitz.md §5)."""
         return compose_bounds(self.model.ball, list(self.model.layers), self.head, constrained_modules(self),
