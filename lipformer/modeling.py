@@ -7,7 +7,9 @@ The modules and their bounds live in `lipformer.nn`; this file only wires them t
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, _add_variant
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .config import LipformerConfig
@@ -29,6 +32,7 @@ from .nn import (Block, CappedLinear, InputBall, MaxRMSEmbedding, ModelBound, co
 
 
 CERTIFICATE_NAME = "certificate.json"
+logger = logging.get_logger(__name__)
 
 
 def check_model_folder(folder: str | os.PathLike) -> None:
@@ -203,10 +207,10 @@ class LipformerModel(LipformerPreTrainedModel):
             _eager_mask(self.config, x, attention_mask, cache, position_ids)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
         attentions = [] if output_attentions else None
-        scaling = self.config.softmax_scale / self.config.head_dim
 
-        def attend(module, q, k, v, attn_mask):
-            y, weights = interface(module, q, k, v, attn_mask, scaling=scaling, dropout=0.0, **kwargs)
+        def attend(module, q, k, v, attn_mask):  # the module's own scale: the one its bound uses
+            y, weights = interface(module, q, k, v, attn_mask, scaling=module.scale / module.head_dim,
+                                   dropout=0.0, **kwargs)
             if attentions is not None:
                 attentions.append(weights)
             return y
@@ -295,22 +299,101 @@ class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
         return embed
 
     @torch.no_grad()
-    def bounds(self) -> ModelBound:
-        """The certificate's bounds from the current weights (docs/lipschitz.md §5)."""
+    def bounds(self, positions: int | None = None) -> ModelBound:
+        """The certificate's bounds from the current weights (docs/lipschitz.md §5).
+
+        The Lipschitz bounds hold at any sequence length (RoPE has no length limit, so the model runs
+        past max_position_embeddings); only the float64 evaluation-error allowance grows with the
+        length (§6a). It covers `positions` tokens, and never fewer than max_position_embeddings.
+        """
+        n = max(self.config.max_position_embeddings, positions or 0)
         return compose_bounds(self.model.ball, list(self.model.layers), self.head, constrained_modules(self),
-                              positions=self.config.max_position_embeddings)
+                              positions=n)
 
     def certificate(self) -> dict:
         """The bounds as the JSON object saved beside the weights."""
         return self.bounds().to_json()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then `certificate.json` about the files just written.
+
+        The certificate is computed from the saved tensors (after a `state_dict=` argument, a
+        variant, a dtype change…), not from this object, and records the sha256 of config.json and
+        of every weights file. Any older certificate is removed first: if bounding fails or is not
+        finite (NaN weights), the folder is left without one rather than with a wrong one.
+        """
+        main = kwargs.get("is_main_process", True)
+        target = Path(save_directory) / CERTIFICATE_NAME
+        if main:
+            target.unlink(missing_ok=True)
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            target = Path(save_directory) / CERTIFICATE_NAME
-            tmp = target.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.certificate(), indent=2))
-            os.replace(tmp, target)  # atomic: a reader never sees half a certificate
+        if not main:
+            return
+        folder = Path(save_directory)
+        try:
+            files = saved_weight_files(folder, kwargs.get("variant"))
+            cert = bounds_of_saved(folder, files).to_json()
+            numbers = [cert["lipschitz"]["total"], cert["hidden_error_float64"], cert["logits_bound"]]
+            if not all(map(math.isfinite, numbers)):
+                raise ValueError("the bounds are not finite (NaN or infinite weights?)")
+        except Exception as exc:  # noqa: BLE001 — no certificate is the only safe outcome
+            logger.warning(f"{folder}: no {CERTIFICATE_NAME} written: {' '.join(str(exc).split())[:200]}")
+            return
+        cert["files"] = {name: sha256_file(folder / name) for name in ["config.json", *files]}
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cert, indent=2))
+        os.replace(tmp, target)  # atomic, and after the weights: a reader never sees half a certificate
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def saved_weight_files(folder: Path, variant: str | None = None) -> list[str]:
+    """Names of the safetensors files holding the model saved in `folder` (one, or an index's shards)."""
+    index = folder / _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [_add_variant(SAFE_WEIGHTS_NAME, variant)]
+
+
+def bounds_of_saved(folder: Path, files: list[str]) -> ModelBound:
+    """The bounds of the model described by `folder`'s config.json and these weights files."""
+    from safetensors.torch import load_file
+
+    config = LipformerConfig.from_pretrained(folder)
+    state = {}
+    for name in files:
+        state.update(load_file(folder / name))
+    with torch.device("meta"):  # no initialization: every tensor comes from the files
+        model = LipformerForCausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.bounds()
+
+
+def certificate_status(folder: str | os.PathLike) -> tuple[str, str]:
+    """("ok" | "missing" | "stale", one line saying why) for `folder`'s certificate.json.
+
+    It is current when it names config.json and model.safetensors (the files `from_pretrained`
+    loads) and their sha256 match.
+    """
+    path = Path(folder) / CERTIFICATE_NAME
+    if not path.is_file():
+        return "missing", f"no {CERTIFICATE_NAME} in {folder}; bounds computed from the weights"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("files") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        recorded = {}
+    for name in ("config.json", *saved_weight_files(Path(folder))):
+        if name not in recorded:
+            return "stale", f"{CERTIFICATE_NAME} is stale: it records no hash of {name}; recomputing the bounds"
+        if not (Path(folder) / name).is_file() or recorded[name] != sha256_file(Path(folder) / name):
+            return "stale", f"{CERTIFICATE_NAME} is stale: {name} has changed since it was written; recomputing the bounds"
+    return "ok", f"{CERTIFICATE_NAME} matches the weights and config (sha256)"
 
 
 AutoConfig.register("lipformer", LipformerConfig, exist_ok=True)

@@ -59,13 +59,14 @@ class ModelBound:
     hidden_bound: float = 0.0   # rms bound on final hidden states
     logits_bound: float = 0.0   # rms bound on logits
     hidden_error: float = 0.0   # rms bound on the float64 evaluation error of the final hidden states (§6a)
+    positions: int = 0          # hidden_error holds for sequences of at most this many tokens
 
     def to_json(self) -> dict:
         """The certificate's JSON form: `lipschitz.{total, body, layers[{name, sigma_upper, w_max, factor}]}`."""
         return {"lipschitz": {"total": self.total, "body": self.body, "layers": [vars(w) for w in self.weights]},
                 "input_radius": self.input_radius, "activations": self.activations,
                 "hidden_bound": self.hidden_bound, "logits_bound": self.logits_bound,
-                "hidden_error_float64": self.hidden_error,
+                "hidden_error_float64": self.hidden_error, "positions": self.positions,
                 "norm": "max over tokens of rms; weights in the RMS→RMS operator norm (docs/lipschitz.md)"}
 
 
@@ -343,7 +344,7 @@ def compose_bounds(ball: InputBall, layers: list[Block], head: CappedLinear,
         weights = [m.weight_bound(name + ".weight") for name, m in constrained]
         return ModelBound(total=body * out.lipschitz, body=body, input_radius=ball.radius,
                           activations=activations, weights=weights, hidden_bound=x_bound,
-                          logits_bound=out.output, hidden_error=error)
+                          logits_bound=out.output, hidden_error=error, positions=positions)
     finally:
         _SIGMA_MEMO = None
 
