@@ -89,31 +89,23 @@ def radii_from_hidden(hidden: Tensor, head_weight: Tensor, bounds: ModelBound) -
 
 
 @torch.no_grad()
-def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBound | None = None,
-                   chunk: int | None = None, progress: bool = False) -> list[PositionCertificate]:
-    """Certify every position of a token sequence, in chunks of the context length.
+def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBound | None = None
+                   ) -> list[PositionCertificate]:
+    """Certify every position of a token sequence, from one forward pass over the whole of it.
 
-    `model` must be the float64 copy (see `float64_copy`), and `bounds` its bounds; each chunk is
-    certified on its own (a chunk is what the model sees as one input).
+    The predictions are exactly those of `model(ids)`: no windows, whatever the length (the model
+    has no position limit). `model` must be the float64 copy (see `float64_copy`); `bounds` its
+    bounds for at least len(ids) positions (default: computed for this length, §6a).
     """
     require_float64(model)
-    bounds = bounds or model.bounds()
-    limit = model.config.max_position_embeddings
-    chunk = chunk or limit
-    if not 0 < chunk <= limit:
-        raise ValueError(f"chunk must be in 1..{limit} (the bounds assume at most that many positions)")
-    starts = range(0, len(ids), chunk)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="certify", unit="chunk")
-    out: list[PositionCertificate] = []
-    for s in starts:
-        piece = torch.tensor([ids[s:s + chunk]])
-        hidden = model.model(piece, use_cache=False).last_hidden_state[0]
-        pred, margin, radius = radii_from_hidden(hidden, model.head.weight, bounds)
-        for i in range(piece.size(1)):
-            out.append(PositionCertificate(s + i, int(piece[0, i]), int(pred[i]), float(margin[i]), float(radius[i])))
-    return out
+    bounds = bounds or model.bounds(positions=len(ids))
+    if bounds.positions < len(ids):
+        raise ValueError(f"the bounds cover {bounds.positions} positions, the text has {len(ids)}: "
+                         "pass model.bounds(positions=len(ids))")
+    ids_t = torch.tensor([ids])
+    hidden = model.model(ids_t, use_cache=False).last_hidden_state[0]
+    pred, margin, radius = radii_from_hidden(hidden, model.head.weight, bounds)
+    return [PositionCertificate(i, ids[i], int(pred[i]), float(margin[i]), float(radius[i])) for i in range(len(ids))]
 
 
 def certified_fractions(certs: list[PositionCertificate], radii=DEFAULT_RADII,
@@ -135,6 +127,7 @@ def attack(model: LipformerForCausalLM, ids: list[int], certs: list[PositionCert
     maximizes the best wrong logit minus the predicted one at that position. A certificate that
     holds has zero violations; `closest` is the smallest margin left, relative to the original.
     """
+    # the model is causal: the first `chunk` positions' logits are those of the whole text
     chunk = model.config.max_position_embeddings
     targets = [c for c in certs if c.radius > 0 and c.index < chunk][:max_positions]
     if not targets:

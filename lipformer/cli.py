@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     prompt = "ROMEO:"
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    out = model.generate(ids, max_new_tokens=200, do_sample=True, temperature=0.8, top_k=None, top_p=None,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=200, do_sample=True, temperature=0.8, top_k=None, top_p=None,
                          pad_token_id=0)
     print("sample:\n" + prompt + tokenizer.decode(out[0, ids.size(1):].tolist()))
     print(f"(model in {result['final']}; try `lipformer certify {result['final']} --text 'ROMEO:' --attack`)")
@@ -128,6 +128,28 @@ def _encode(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def _read_utf8(path: str) -> str:
+    """The file's exact text: bytes decoded as UTF-8, no newline translation (positions match the file)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text (invalid byte {data[exc.start]:#04x} at offset {exc.start}); "
+                         "convert it to UTF-8") from exc
+
+
+def _report_certificate(folder: str, stream) -> None:
+    """One line: does the saved certificate.json describe these weights? (The bounds shown are recomputed.)"""
+    from .modeling import certificate_status
+
+    state, line = certificate_status(folder)
+    print(f"certificate: {state}: {line}", file=stream)
+
+
 def cmd_certify(args: argparse.Namespace) -> int:
     import json
 
@@ -135,19 +157,15 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     if args.text is not None and args.file is not None:
         raise UsageError("pass only one of --text or --file")
+    text = args.text if args.file is None else _read_utf8(args.file)
     model, tokenizer = _load(args.model_dir)
-    text = args.text
-    if args.file is not None:
-        try:
-            text = open(args.file, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read {args.file}: {exc}") from exc
+    _report_certificate(args.model_dir, sys.stderr if args.json else sys.stdout)
     model64 = certify.float64_copy(model)
-    bounds = model64.bounds()
     certs = attack = None
+    ids = _encode(tokenizer, text) if text is not None else []
+    bounds = model64.bounds(positions=len(ids))  # the float64 allowance for this text's length
     if text is not None:
-        ids = _encode(tokenizer, text)
-        certs = certify.certify_tokens(model64, ids, bounds, progress=not args.json)
+        certs = certify.certify_tokens(model64, ids, bounds)
         if args.attack:
             attack = certify.attack(model64, ids, certs)
     elif args.attack:
@@ -187,6 +205,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model_dir)
+    _report_certificate(args.model_dir, sys.stdout)
     c = model.config
     n = sum(p.numel() for p in model.parameters())
     print(f"lipformer model at {args.model_dir}: {n / 1e6:.3f}M parameters")
@@ -211,13 +230,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--temperature must be a finite number >= 0 (0 means greedy)")
     if args.seed < 0:
         raise UsageError("--seed must be >= 0")
+    # the whole prompt, no window: what `certify` certifies is what the model computes on all of it
     ids = torch.tensor([_encode(tokenizer, args.prompt)])
-    if ids.size(1) >= model.config.max_position_embeddings:
-        ids = ids[:, -(model.config.max_position_embeddings - 1):]
-    room = model.config.max_position_embeddings - ids.size(1)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
-    out = model.generate(ids, max_new_tokens=min(args.max_new_tokens, room), do_sample=sample,
+    # an explicit mask: HF would otherwise infer one from pad_token_id and hide prompt tokens equal to it
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=sample,
                          temperature=args.temperature if sample else None, top_k=None, top_p=None,
                          pad_token_id=tokenizer.pad_token_id or 0)
     print(args.prompt + tokenizer.decode(out[0, ids.size(1):].tolist()))

@@ -59,7 +59,7 @@ class LipformerConfig(PreTrainedConfig):
     """
 
     model_type = "lipformer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 65
     hidden_size: int = 256

@@ -6,7 +6,10 @@ The modules and their bounds live in `lipformer.nn`; this file only wires them t
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,7 +19,12 @@ from torch import Tensor, nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, GenerationMixin,
                           PreTrainedModel)
 from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, _add_variant
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .config import LipformerConfig
 from .nn import (Block, CappedLinear, InputBall, MaxRMSEmbedding, ModelBound, SpectralLinear, compose_bounds,
@@ -25,6 +33,7 @@ from .poet import POETLinear
 
 
 CERTIFICATE_NAME = "certificate.json"
+logger = logging.get_logger(__name__)
 
 
 def check_model_folder(folder: str | os.PathLike) -> None:
@@ -94,8 +103,12 @@ def make_linear(config: LipformerConfig, d_in: int, d_out: int, kind: str) -> Sp
 class LipformerPreTrainedModel(PreTrainedModel):
     config_class = LipformerConfig
     base_model_prefix = "model"
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["DecoderBlock"]
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    supports_gradient_checkpointing = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -135,22 +148,22 @@ class LipformerPreTrainedModel(PreTrainedModel):
             init.copy_(module.weight, fresh.to(module.weight.dtype))
 
 
-def _attention_mask(attention_mask: Tensor | None, T: int, past: int, device) -> Tensor | None:
-    """Boolean (B, 1, T, past+T) mask: causal, bottom-right aligned, padded keys removed.
+class DecoderBlock(GradientCheckpointingLayer, Block):
+    """`nn.Block` with Hugging Face gradient checkpointing (`gradient_checkpointing_enable()`)."""
 
-    None when plain causal attention is exact (no padding, no cache), which keeps SDPA's fast path.
+
+def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                    scaling: float, dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor]:
+    """Plain softmax(q·kᵀ·scaling + mask)·v, returning the weights too (for output_attentions).
+
+    Unlike Llama's eager path the softmax stays in the inputs' dtype when that is wider than
+    float32: the float64 certification copy must not round its attention to float32.
     """
-    S = past + T
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and past == 0:
-        return None
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)[None, None]
-    if not padded:
-        return causal
-    mask = causal & attention_mask[:, -S:].bool()[:, None, None, :]
-    # a padded query with no visible key would give NaN; let it see itself (its output is unused)
-    itself = torch.arange(S, device=device)[None, :] == torch.arange(past, S, device=device)[:, None]
-    return mask | itself[None, None]
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class LipformerModel(LipformerPreTrainedModel):
@@ -160,7 +173,7 @@ class LipformerModel(LipformerPreTrainedModel):
         super().__init__(config)
         self.embed = MaxRMSEmbedding(config.vocab_size, config.hidden_size, config.w_max["embed"])
         self.ball = InputBall(config.input_radius)
-        self.layers = nn.ModuleList(Block(config, make_linear) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderBlock(config, make_linear) for _ in range(config.num_hidden_layers))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -169,30 +182,65 @@ class LipformerModel(LipformerPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values=None, inputs_embeds: Tensor | None = None,
-                use_cache: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
+                position_ids: Tensor | None = None, cache=None, inputs_embeds: Tensor | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.size(1)
         if use_cache is None:  # a cache only helps decoding: none in training
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
             if attention_mask is not None:  # left padding: real tokens count from 0
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
+                past = cache.get_seq_length() if cache is not None else 0
                 position_ids = torch.arange(past, past + T, device=x.device)[None]
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         rope = (cos[:, None], sin[:, None])
-        mask = _attention_mask(attention_mask, T, past, x.device)
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        # Attention weights exist only on the eager path (fused kernels never form them).
+        impl = "eager" if output_attentions else self.config._attn_implementation
+        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+                                  position_ids=position_ids) if impl == self.config._attn_implementation else \
+            _eager_mask(self.config, x, attention_mask, cache, position_ids)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
+        attentions = [] if output_attentions else None
+
+        def attend(module, q, k, v, attn_mask):  # the module's own scale: the one its bound uses
+            y, weights = interface(module, q, k, v, attn_mask, scaling=module.scale / module.head_dim,
+                                   dropout=0.0, **kwargs)
+            if attentions is not None:
+                attentions.append(weights)
+            return y
+
         x = self.ball(x)
+        hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, past_key_values if use_cache else None, i)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+            x = layer(x, rope, mask=mask, cache=cache, layer_idx=i, attend=attend)
+            if hidden is not None:
+                hidden.append(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, cache=cache,
+                                       hidden_states=tuple(hidden) if hidden is not None else None,
+                                       attentions=tuple(attentions) if attentions is not None else None)
+
+
+def _eager_mask(config, x, attention_mask, cache, position_ids):
+    """The mask `create_causal_mask` builds for the eager interface (used when attentions are requested)."""
+    eager = copy.copy(config)
+    eager._attn_implementation = "eager"
+    return create_causal_mask(config=eager, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+                              position_ids=position_ids)
 
 
 class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
@@ -207,37 +255,154 @@ class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.head
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values=None, inputs_embeds: Tensor | None = None,
-                labels: Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int = 0,
+                position_ids: Tensor | None = None, cache=None, inputs_embeds: Tensor | None = None,
+                labels: Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        # `num_items_in_batch` (HF Trainer under gradient accumulation) is for the loss only
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, **kwargs)
         hidden = out.last_hidden_state
-        logits = self.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.head(hidden[:, keep])
         loss = None
-        if labels is not None:  # labels are the inputs: predict token t+1 from position t
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        if labels is not None:  # labels are the inputs: the loss shifts them (predict t+1 from t)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                      attentions=out.attentions)
 
     @torch.no_grad()
-    def bounds(self) -> ModelBound:
-        """The certificate's bounds from the current weights (docs/lipschitz.md §5)."""
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> MaxRMSEmbedding:
+        """Grow or shrink the vocabulary of the embedding and the head, keeping both inside their caps.
+
+        New rows are the mean of the old ones (zero with mean_resizing=False): a mean of rows has
+        rms ≤ the largest row's (convexity), and appending k mean rows to the head raises σ² by at
+        most a factor (1 + k/V) while the RMS→RMS scale √(d/V) falls by exactly that factor, so the
+        head's capped norm does not grow (docs/lipschitz.md §2). A shrunken head is rescaled if its
+        larger √(d/V) would push it past its cap. The certificate is recomputed from the weights.
+        """
+        old = self.model.embed
+        n = old.num_embeddings if new_num_tokens is None else int(new_num_tokens)
+        if pad_to_multiple_of:
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if n < 1:
+            raise ValueError(f"new_num_tokens must be at least 1, got {new_num_tokens}")
+        if n == old.num_embeddings:
+            return old
+        keep = min(n, old.num_embeddings)
+        embed = MaxRMSEmbedding(n, old.embedding_dim, old.w_max).to(old.weight)
+        head = CappedLinear(self.head.d_in, n, self.head.w_max, "head").to(self.head.weight)
+        for new, w in ((embed.weight, old.weight), (head.weight, self.head.weight)):
+            new.copy_(w.mean(0).expand_as(new) if mean_resizing else torch.zeros_like(new))
+            new[:keep] = w[:keep]
+        factor = head.rms_scale * float(torch.linalg.matrix_norm(head.weight.double(), ord=2))
+        if factor > head.w_max:
+            head.weight.mul_(head.w_max / factor * (1 - 1e-6))
+        self.model.embed, self.head = embed, head
+        self.config.vocab_size = n
+        return embed
+
+    @torch.no_grad()
+    def bounds(self, positions: int | None = None) -> ModelBound:
+        """The certificate's bounds from the current weights (docs/lipschitz.md §5).
+
+        The Lipschitz bounds hold at any sequence length (RoPE has no length limit, so the model runs
+        past max_position_embeddings); only the float64 evaluation-error allowance grows with the
+        length (§6a). It covers `positions` tokens, and never fewer than max_position_embeddings.
+        """
+        n = max(self.config.max_position_embeddings, positions or 0)
         return compose_bounds(self.model.ball, list(self.model.layers), self.head, constrained_modules(self),
-                              positions=self.config.max_position_embeddings)
+                              positions=n)
 
     def certificate(self) -> dict:
         """The bounds as the JSON object saved beside the weights."""
         return self.bounds().to_json()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then `certificate.json` about the files just written.
+
+        The certificate is computed from the saved tensors (after a `state_dict=` argument, a
+        variant, a dtype change…), not from this object, and records the sha256 of config.json and
+        of every weights file. Any older certificate is removed first: if bounding fails or is not
+        finite (NaN weights), the folder is left without one rather than with a wrong one.
+        """
+        main = kwargs.get("is_main_process", True)
+        target = Path(save_directory) / CERTIFICATE_NAME
+        if main:
+            target.unlink(missing_ok=True)
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            target = Path(save_directory) / CERTIFICATE_NAME
-            tmp = target.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.certificate(), indent=2))
-            os.replace(tmp, target)  # atomic: a reader never sees half a certificate
+        if not main:
+            return
+        folder = Path(save_directory)
+        try:
+            files = saved_weight_files(folder, kwargs.get("variant"))
+            cert = bounds_of_saved(folder, files).to_json()
+            numbers = [cert["lipschitz"]["total"], cert["hidden_error_float64"], cert["logits_bound"]]
+            if not all(map(math.isfinite, numbers)):
+                raise ValueError("the bounds are not finite (NaN or infinite weights?)")
+        except Exception as exc:  # noqa: BLE001 — no certificate is the only safe outcome
+            logger.warning(f"{folder}: no {CERTIFICATE_NAME} written: {' '.join(str(exc).split())[:200]}")
+            return
+        cert["files"] = {name: sha256_file(folder / name) for name in ["config.json", *files]}
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cert, indent=2))
+        os.replace(tmp, target)  # atomic, and after the weights: a reader never sees half a certificate
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def saved_weight_files(folder: Path, variant: str | None = None) -> list[str]:
+    """Names of the safetensors files holding the model saved in `folder` (one, or an index's shards)."""
+    index = folder / _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [_add_variant(SAFE_WEIGHTS_NAME, variant)]
+
+
+def bounds_of_saved(folder: Path, files: list[str]) -> ModelBound:
+    """The bounds of the model described by `folder`'s config.json and these weights files."""
+    from safetensors.torch import load_file
+
+    config = LipformerConfig.from_pretrained(folder)
+    state = {}
+    for name in files:
+        state.update(load_file(folder / name))
+    with torch.device("meta"):  # no initialization: every tensor comes from the files
+        model = LipformerForCausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.bounds()
+
+
+def certificate_status(folder: str | os.PathLike) -> tuple[str, str]:
+    """("ok" | "missing" | "stale", one line saying why) for `folder`'s certificate.json.
+
+    It is current when it names config.json and model.safetensors (the files `from_pretrained`
+    loads) and their sha256 match.
+    """
+    path = Path(folder) / CERTIFICATE_NAME
+    if not path.is_file():
+        return "missing", f"no {CERTIFICATE_NAME} in {folder}; bounds computed from the weights"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("files") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        recorded = {}
+    for name in ("config.json", *saved_weight_files(Path(folder))):
+        if name not in recorded:
+            return "stale", f"{CERTIFICATE_NAME} is stale: it records no hash of {name}; recomputing the bounds"
+        if not (Path(folder) / name).is_file() or recorded[name] != sha256_file(Path(folder) / name):
+            return "stale", f"{CERTIFICATE_NAME} is stale: {name} has changed since it was written; recomputing the bounds"
+    return "ok", f"{CERTIFICATE_NAME} matches the weights and config (sha256)"
 
 
 AutoConfig.register("lipformer", LipformerConfig, exist_ok=True)

@@ -60,13 +60,14 @@ class ModelBound:
     hidden_bound: float = 0.0   # rms bound on final hidden states
     logits_bound: float = 0.0   # rms bound on logits
     hidden_error: float = 0.0   # rms bound on the float64 evaluation error of the final hidden states (§6a)
+    positions: int = 0          # hidden_error holds for sequences of at most this many tokens
 
     def to_json(self) -> dict:
         """The certificate's JSON form: `lipschitz.{total, body, layers[{name, sigma_upper, w_max, factor}]}`."""
         return {"lipschitz": {"total": self.total, "body": self.body, "layers": [vars(w) for w in self.weights]},
                 "input_radius": self.input_radius, "activations": self.activations,
                 "hidden_bound": self.hidden_bound, "logits_bound": self.logits_bound,
-                "hidden_error_float64": self.hidden_error,
+                "hidden_error_float64": self.hidden_error, "positions": self.positions,
                 "norm": "max over tokens of rms; weights in the RMS→RMS operator norm (docs/lipschitz.md)"}
 
 
@@ -248,7 +249,9 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = (linear(config, d, d, kind) for kind in ("q", "k", "v", "o"))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
-                cache=None, layer_idx: int | None = None) -> Tensor:
+                cache=None, layer_idx: int | None = None, attend=None) -> Tensor:
+        """`attend(module, q, k, v, mask) -> (B, T, H, d_head)` replaces the built-in SDPA call:
+        the Hugging Face shell passes its attention-interface dispatch (eager / sdpa / flex) there."""
         B, T, _ = x.shape
         split = lambda t: t.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
         cos, sin = rope
@@ -257,6 +260,8 @@ class Attention(nn.Module):
         v = split(self.v(x))
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
+        if attend is not None:
+            return self.o(attend(self, q, k, v, mask).reshape(B, T, -1)) / ATTENTION_DIVISOR
         if mask is None and k.size(-2) != T:  # decoding with a cache: causal, aligned bottom-right
             mask = torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).tril(k.size(-2) - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -325,9 +330,9 @@ class Block(nn.Module):
         self.attn = Attention(config, linear)
         self.mlp = MLP(config, linear)
 
-    def forward(self, x: Tensor, rope, mask=None, cache=None, layer_idx=None) -> Tensor:
+    def forward(self, x: Tensor, rope, mask=None, cache=None, layer_idx=None, attend=None) -> Tensor:
         a = self.alpha
-        x = (1 - a) * x + a * self.attn(x, rope, mask, cache, layer_idx)
+        x = (1 - a) * x + a * self.attn(x, rope, mask, cache, layer_idx, attend)
         return (1 - a) * x + a * self.mlp(x)
 
     def bound(self, input_bound: float) -> tuple[Bound, Bound]:
@@ -385,7 +390,7 @@ def compose_bounds(ball: InputBall, layers: list[Block], head: SpectralLinear,
         weights = [m.weight_bound(name + ".weight") for name, m in constrained]
         return ModelBound(total=body * out.lipschitz, body=body, input_radius=ball.radius,
                           activations=activations, weights=weights, hidden_bound=x_bound,
-                          logits_bound=out.output, hidden_error=error)
+                          logits_bound=out.output, hidden_error=error, positions=positions)
     finally:
         _SIGMA_MEMO = None
 
