@@ -4,8 +4,8 @@ Everything acts on the last two dimensions of a tensor, so a stack of matrices (
 is handled in one call, and every function that caps takes its own `w_max`. Two families live side
 by side and must not be confused:
 
-* **Approximate, fast** maps used inside training: `newton_schulz` (`orthogonalize`, bf16 by
-  default), `caps` (`hard_cap`, `soft_cap`, `spectral_normalize`, `spectral_hammer`,
+* **Approximate, fast** maps used inside training: `newton_schulz` (`orthogonalize`, standard or
+  Gram-space, bf16 by default), `caps` (`hard_cap`, `soft_cap`, `spectral_normalize`, `spectral_hammer`,
   `spectral_weight_decay`) and `sigma.sigma_estimate` (power iteration, a *lower* bound — logs only).
 * **Sound** upper bounds used by certificates: `sigma.sigma_upper` (float64 Cholesky certificate)
   and `sigma.sigma_upper_gram` (Gram iteration with a rounding margin). Nothing that enters a

@@ -1,7 +1,11 @@
 """Newton–Schulz polar iterations: the odd quintics behind Muon, ROOT and the matmul-only caps.
 
 Approximate and fast (bf16 by default): nothing computed here may enter a certificate. The
-coefficient schedules are named as in their papers (REFERENCES.md).
+coefficient schedules are named as in their papers (REFERENCES.md). Two ways to run the same
+polynomials: the standard iteration on X (torch.optim.Muon's arithmetic, bit for bit) and the Gram
+iteration on the n × n matrix XXᵀ (fewer flops for long rectangles; the idea of Dao lab's Gram
+Newton–Schulz, written here from the identity X_k = P_k(XXᵀ)·X_0), chosen by `orthogonalize`'s
+`method` ("auto": by `gram_is_cheaper`, with the device's precision plan `gram_plan`).
 """
 
 from __future__ import annotations
