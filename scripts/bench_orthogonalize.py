@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from lipformer.spectral import CLASSIC, orthogonalize  # noqa: E402
 from torch.optim._muon import _zeropower_via_newtonschulz  # noqa: E402
 
-SHAPES = [(768, 768), (768, 2304), (768, 3072), (3072, 768)]
+SHAPES = [(768, 3072), (3072, 768), (768, 2304), (768, 768)]
 
 
 def _sync(device: torch.device) -> None:
@@ -39,11 +39,15 @@ def _sync(device: torch.device) -> None:
 
 
 def methods(steps: int):
+    ortho = lambda G, **kw: orthogonalize(G, steps, "classic", out_dtype=torch.bfloat16, **kw)  # noqa: E731
     return {
         "torch Muon NS": lambda G: _zeropower_via_newtonschulz(G, CLASSIC, steps, 1e-7),
         # out_dtype=bf16: return the working dtype as torch's function does (no cast back)
-        "lipformer classic": lambda G: orthogonalize(G, steps, "classic", out_dtype=torch.bfloat16),
-        "lipformer polar_express": lambda G: orthogonalize(G, steps, "polar_express", out_dtype=torch.bfloat16),
+        "standard": lambda G: ortho(G, method="standard"),
+        "gram": lambda G: ortho(G, method="gram"),  # the device's plan (gram_plan): what "auto" runs
+        "gram 1 restart": lambda G: ortho(G, method="gram", restarts=(3,)),
+        "gram no restart": lambda G: ortho(G, method="gram", restarts=()),
+        "PE gram": lambda G: orthogonalize(G, steps, "polar_express", out_dtype=torch.bfloat16, method="gram"),
     }
 
 
@@ -70,7 +74,7 @@ def bench(shape, steps: int, repeats: int, device: torch.device):
             times[name].append(time.perf_counter() - t0)
     outputs = {name: fn(G) for name, fn in fns.items()}
     errors = {name: sigma_error(O) for name, O in outputs.items()}
-    identical = torch.equal(outputs["torch Muon NS"], outputs["lipformer classic"])
+    identical = torch.equal(outputs["torch Muon NS"], outputs["standard"])
     return {name: statistics.median(t) for name, t in times.items()}, errors, identical
 
 
@@ -103,15 +107,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     names = list(methods(args.steps))
-    header = ("| shape | torch NS ms | lipformer ms | speed ratio (torch/lipformer) | PE ms "
-              "| max abs(σ−1) torch | lipformer | PE | median abs(σ−1) torch | lipformer | PE | bitwise equal |")
+    header = ("| shape | " + " | ".join(f"{n} ms" for n in names) + " | "
+              + " | ".join(f"speed {n}" for n in names[1:]) + " | "
+              + " | ".join(f"max abs(σ−1) {n}" for n in names) + " | standard bitwise = torch |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for shape in SHAPES:
         t, e, same = bench(shape, args.steps, args.repeats, device)
-        a, b, c = (t[n] * 1e3 for n in names)
-        rows.append(f"| {shape[0]}×{shape[1]} | {a:.1f} | {b:.1f} | {a / b:.3f}× | {c:.1f} "
-                    f"| {e[names[0]][0]:.3f} | {e[names[1]][0]:.3f} | {e[names[2]][0]:.3f} "
-                    f"| {e[names[0]][1]:.3f} | {e[names[1]][1]:.3f} | {e[names[2]][1]:.3f} | {'yes' if same else 'no'} |")
+        base = t[names[0]]
+        rows.append(f"| {shape[0]}×{shape[1]} | " + " | ".join(f"{t[n] * 1e3:.1f}" for n in names) + " | "
+                    + " | ".join(f"{base / t[n]:.2f}×" for n in names[1:]) + " | "
+                    + " | ".join(f"{e[n][0]:.3f}" for n in names) + f" | {'yes' if same else 'no'} |")
         print(rows[-1], flush=True)
     table = "\n".join(rows)
     print()
@@ -119,18 +124,19 @@ def main() -> None:
     if args.no_write:
         return
     section = f"""
-## orthogonalize vs torch.optim.Muon Newton–Schulz
+## orthogonalize (standard and Gram) vs torch.optim.Muon Newton–Schulz
 
 - Date: {datetime.date.today().isoformat()}; machine: {machine(device)}; device: {device}.
 - Baseline: `torch.optim._muon._zeropower_via_newtonschulz` (torch {torch.__version__}), classic
-  coefficients {CLASSIC}, bf16, {args.steps} steps. lipformer: `lipformer.spectral.orthogonalize`
-  with the same steps ("classic", bf16) and with "polar_express" (PE). Inputs: seeded Gaussian
-  matrices; times are medians of {args.repeats} interleaved repeats in one run; σ errors from an
-  exact float64 SVD of the output. Ratio > 1 means lipformer is faster. "bitwise equal": the
-  classic outputs of torch and lipformer are identical tensors (same fused bf16 addmm sequence),
-  so the arithmetic is the same; both return bf16 (lipformer with `out_dtype=torch.bfloat16`), and
-  the speed ratio differs from 1 only by Python wrapper overhead and timing noise.
-- Rerun: `.venv/bin/python scripts/bench_orthogonalize.py` (appends a new section here).
+  coefficients {CLASSIC}, bf16, {args.steps} steps. lipformer `lipformer.spectral.orthogonalize`,
+  same steps and coefficients: "standard" (torch's arithmetic), "gram" (the Gram-space iteration
+  with this device's plan from `gram_plan`: on CPU bf16 with restarts before steps 2 and 4, on
+  CUDA float16 with one restart before step 2), "gram 1 restart" (bf16, before step 3), "gram no
+  restart" (a speed reference only: wrong on ill-conditioned inputs, see tests/test_spectral.py),
+  and "PE gram" (Polar Express coefficients, plan). Inputs: seeded Gaussian matrices; times are
+  medians of {args.repeats} interleaved (rotated) repeats in one run; speed = torch time / ours
+  (> 1: faster than torch); σ from an exact float64 SVD of the output.
+- Rerun: `.venv/bin/python scripts/bench_orthogonalize.py --threads 1` (appends a new section here).
 
 {table}
 """

@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 
 from lipformer import spectral
 from lipformer.spectral import sigma as sigma_module
+from lipformer.spectral.newton_schulz import _gram_quintic
 
 
 def svals(W):
@@ -132,7 +133,7 @@ def test_orthogonalize_equals_torch_muon_newton_schulz():
 
     for shape in [(64, 32), (32, 64), (50, 50)]:
         G = torch.randn(shape)
-        ours = spectral.orthogonalize(G, steps=5, coefficients="classic")
+        ours = spectral.orthogonalize(G, steps=5, coefficients="classic", method="standard")
         ref = _zeropower_via_newtonschulz(G, spectral.CLASSIC, 5, 1e-7)
         assert torch.equal(ours, ref.to(ours.dtype))
 
@@ -316,3 +317,87 @@ def test_row_norm_upper_at_any_magnitude(k):
     slack = 1e-12 if k > -1000 else 2.0 ** (k + 1080)
     assert (bound >= exact).all() and (bound <= exact * (1 + slack) + 1e-300).all(), bound / exact
     assert spectral.row_norm_upper(torch.tensor([[1.5e308, 1.5e308]], dtype=torch.float64)) == math.inf
+
+
+# ---- Gram-space Newton–Schulz ----------------------------------------------------------------
+
+def _with_condition(n, m, cond, seed=0):
+    """An n × m float64 matrix with log-spaced singular values from 1 down to 1/cond, and its SVD."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(n, m)
+    U, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    S = torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)
+    return (U * S) @ V.T, U, S, V
+
+
+def _errors(O, U, S, V, name, steps=5):
+    """(σ error, singular-vector error) of an orthogonalizer's output O against the exact map.
+
+    Exact arithmetic gives O = U f(S) Vᵀ with f the composed scalar quintics applied to
+    σ/(safety·‖S‖): compare the sorted SVD of O with f(S), and Uᵀ O V's off-diagonal with 0.
+    """
+    safety = spectral.POLAR_EXPRESS_SAFETY if name == "polar_express" else 1.0
+    f = S / (S.norm() * safety)
+    for a, b, c in spectral.coefficient_schedule(name, steps):
+        f = a * f + b * f**3 + c * f**5
+    O = O.double()
+    sigma = (torch.linalg.svdvals(O).sort().values - f.sort().values).abs().max()
+    core = U.mT @ O @ V
+    return float(sigma), float((core - torch.diag_embed(torch.diagonal(core))).abs().max())
+
+
+@pytest.mark.parametrize("shape", [(96, 384), (384, 96)])
+@pytest.mark.parametrize("cond", [1.0 + 1e-9, 10.0, 1e3, 1e6])
+@pytest.mark.parametrize("plan", ["float32", "bf16-cpu", "fp16-cuda"])
+@pytest.mark.parametrize("name", ["classic", "polar_express"])
+def test_gram_iteration_matches_svd(shape, cond, plan, name):
+    """Gram-space NS outputs the σ and singular vectors the exact map predicts (SVD of input and
+    output), from flat spectra to condition number 1e6, against the standard iteration in the same
+    working precision. "fp16-cuda" is the CUDA plan (float16, one restart) run on CPU."""
+    G, U, S, V = _with_condition(*shape, cond)
+    dtype = torch.float32 if plan == "float32" else torch.bfloat16
+    device = torch.device("cuda" if plan == "fp16-cuda" else "cpu")
+    gram_dtype, restarts = spectral.gram_plan(dtype, device, 5)
+    X = G.float() / (G.norm() * (spectral.POLAR_EXPRESS_SAFETY if name == "polar_express" else 1.0))
+    wide = X.mT if shape[0] > shape[1] else X
+    O = _gram_quintic(wide.to(gram_dtype), spectral.coefficient_schedule(name, 5), restarts)
+    gram = _errors(O.mT if shape[0] > shape[1] else O, U, S, V, name)
+    standard = _errors(spectral.orthogonalize(G.float(), 5, name, dtype=dtype, method="standard"), U, S, V, name)
+    if plan == "float32":
+        assert max(gram) < 2e-3, (gram, standard)
+    else:  # the standard bf16 iteration itself is off by up to ~0.15 in σ at cond 1e6
+        slack, floor = (1.5, 0.03) if plan == "fp16-cuda" else (3.0, 0.08)  # bf16 Gram: documented as looser
+        for g, s in zip(gram, standard):
+            assert g <= max(slack * s, floor), (gram, standard)
+
+
+@pytest.mark.parametrize("dtype,restarts", [(torch.bfloat16, (2, 4)), (torch.float16, (2,))])
+def test_gram_restart_plans_hold_in_half_precision(dtype, restarts):
+    """The restart plans of `gram_plan` (bf16 on CPU, float16 on CUDA, run here on CPU) and the
+    control that proves the tests above can fail: without a restart the same inputs break."""
+    for name in ("classic", "polar_express"):
+        G, U, S, V = _with_condition(64, 256, 1e4)
+        X = G.float() / (G.norm() * (spectral.POLAR_EXPRESS_SAFETY if name == "polar_express" else 1.0))
+        sched = spectral.coefficient_schedule(name, 5)
+        good = _errors(_gram_quintic(X.to(dtype), sched, restarts), U, S, V, name)
+        bad = _errors(_gram_quintic(X.to(dtype), sched, ()), U, S, V, name)
+        assert max(good) < 0.15 and max(bad) > 0.5, (name, good, bad)
+
+
+def test_gram_on_stacks_and_method_selection():
+    G = torch.randn(3, 2, 32, 128)
+    per = torch.stack([torch.stack([spectral.orthogonalize(g, method="gram", dtype=torch.float32) for g in gg])
+                       for gg in G])
+    assert torch.allclose(spectral.orthogonalize(G, method="gram", dtype=torch.float32), per, atol=1e-5)
+    # auto: Gram for long rectangles, the standard iteration for (near-)square ones
+    assert spectral.gram_is_cheaper(768, 3072, 5, ()) and spectral.gram_is_cheaper(3072, 768, 5, (2,))
+    assert not spectral.gram_is_cheaper(768, 768, 5, ()) and not spectral.gram_is_cheaper(64, 96, 5, ())
+    for shape, dtype in [((40, 400), torch.float32), ((50, 60), torch.float32), ((40, 400), torch.bfloat16)]:
+        W = torch.randn(shape)
+        _, restarts = spectral.gram_plan(dtype, W.device, 5)
+        pick = "gram" if spectral.gram_is_cheaper(*shape, 5, restarts) else "standard"
+        assert torch.equal(spectral.orthogonalize(W, dtype=dtype), spectral.orthogonalize(W, dtype=dtype, method=pick))
+    assert spectral.gram_plan(torch.bfloat16, torch.device("cuda"), 5) == (torch.float16, (2,))
+    with pytest.raises(ValueError, match="method"):
+        spectral.orthogonalize(W, method="fast")

@@ -1,9 +1,11 @@
 """Muon: momentum → Newton–Schulz orthogonalization → shape-aware scale → decoupled weight decay.
 
 Configured like `torch.optim.Muon` (same lr, weight_decay, momentum, nesterov, ns_coefficients,
-ns_steps, eps and adjust_lr_fn=None/"original"/"match_rms_adamw") this follows torch's trajectory
-bit for bit: the momentum uses torch's `lerp` form and `spectral.orthogonalize` runs the same bf16
-fused `addmm` iteration as torch's `_zeropower_via_newtonschulz`.
+ns_steps, eps and adjust_lr_fn=None/"original"/"match_rms_adamw") and with ns_method="standard" this
+follows torch's trajectory bit for bit: the momentum uses torch's `lerp` form and
+`spectral.orthogonalize` runs the same bf16 fused `addmm` iteration as torch's
+`_zeropower_via_newtonschulz`. The default ns_method="auto" runs the same polynomials in Gram space
+for matrices with aspect ratio ≳ 3 (fewer flops; equal up to bf16 rounding).
 
 On top of that it knows how large its update can be (`step_bound`), which the soft cap's
 coupling needs: the orthogonalized matrix has singular values p_K∘…∘p_1(x) for inputs x ∈ [0, 1]
@@ -78,11 +80,11 @@ def schedule_gain(coefficients: Schedule, steps: int, points: int = 1 << 17) -> 
 def muon_update(p: Tensor, grad: Tensor, buf: Tensor, *, lr: float, weight_decay: float,
                 momentum: float, nesterov: bool, ns_coefficients: Schedule, ns_steps: int,
                 eps: float, adjust_lr_fn: str | None, ns_dtype: torch.dtype | None,
-                preprocess=None) -> None:
+                preprocess=None, ns_method: str = "auto") -> None:
     """One Muon step for one matrix, in place. `preprocess` (ROOT) acts on the momentum first."""
     update = muon_momentum(grad, buf, momentum=momentum, nesterov=nesterov)
     update = muon_orthogonalize(update, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
-                                ns_dtype=ns_dtype, preprocess=preprocess)
+                                ns_dtype=ns_dtype, preprocess=preprocess, ns_method=ns_method)
     muon_apply(p, update, lr=lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn)
 
 
@@ -96,10 +98,10 @@ def muon_momentum(grad: Tensor, buf: Tensor, *, momentum: float, nesterov: bool)
 
 
 def muon_orthogonalize(update: Tensor, *, ns_coefficients: Schedule, ns_steps: int, eps: float,
-                       ns_dtype: torch.dtype | None, preprocess=None) -> Tensor:
+                       ns_dtype: torch.dtype | None, preprocess=None, ns_method: str = "auto") -> Tensor:
     if preprocess is not None:
         update = preprocess(update)
-    return orthogonalize(update, ns_steps, ns_coefficients, dtype=ns_dtype, eps=eps)
+    return orthogonalize(update, ns_steps, ns_coefficients, dtype=ns_dtype, eps=eps, method=ns_method)
 
 
 def muon_apply(p: Tensor, update: Tensor, *, lr: float, weight_decay: float, adjust_lr_fn: str | None) -> None:
@@ -108,10 +110,10 @@ def muon_apply(p: Tensor, update: Tensor, *, lr: float, weight_decay: float, adj
 
 
 def muon_defaults(lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps, adjust_lr_fn,
-                  ns_dtype) -> dict:
+                  ns_dtype, ns_method="auto") -> dict:
     return dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                 ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
-                ns_dtype=ns_dtype)
+                ns_dtype=ns_dtype, ns_method=ns_method)
 
 
 class Muon(CompanionOptimizer):
@@ -133,6 +135,10 @@ class Muon(CompanionOptimizer):
         adjust_lr_fn: update scale rule: "rms" (default, √(d_out/d_in)), "original" or None
             (torch: √max(1, rows/cols)), "match_rms_adamw" (0.2·√max(rows, cols)).
         ns_dtype: dtype of the iteration (default bfloat16, as torch; None = the param's).
+        ns_method: "auto" (default: the Gram-space iteration where it takes fewer flops, i.e.
+            aspect ratio ≳ 3), "gram" or "standard" (torch's arithmetic: with CLASSIC
+            coefficients the trajectory is torch.optim.Muon's bit for bit). See
+            `lipformer.spectral.orthogonalize`.
         distributed: shard the orthogonalization across the ranks of `process_group`. None
             (default): on when a torch.distributed group with more than one rank is initialized at
             step time; True: required (error without a group); False: never. See below.
@@ -166,11 +172,11 @@ class Muon(CompanionOptimizer):
                  nesterov: bool = True, ns_coefficients: Schedule = CLASSIC, ns_steps: int = 5,
                  eps: float = 1e-7, adjust_lr_fn: str | None = "rms",
                  ns_dtype: torch.dtype | None = torch.bfloat16, distributed: bool | None = None,
-                 process_group=None) -> None:
+                 process_group=None, ns_method: str = "auto") -> None:
         check(distributed in (None, True, False),
               f"{type(self).__name__}: distributed must be None, True or False, got {distributed!r}")
         super().__init__(params, muon_defaults(lr, weight_decay, momentum, nesterov, ns_coefficients,
-                                               ns_steps, eps, adjust_lr_fn, ns_dtype))
+                                               ns_steps, eps, adjust_lr_fn, ns_dtype, ns_method))
         self.distributed = distributed
         self.process_group = process_group
 
@@ -181,6 +187,8 @@ class Muon(CompanionOptimizer):
         check(isinstance(group["ns_steps"], int) and 1 <= group["ns_steps"] < 100,
               f"{name}: ns_steps must be an integer in [1, 100), got {group['ns_steps']}")
         check(group["eps"] > 0, f"{name}: eps must be > 0, got {group['eps']}")
+        check(group.get("ns_method", "auto") in ("auto", "gram", "standard"),
+              f"{name}: ns_method must be 'auto', 'gram' or 'standard', got {group.get('ns_method')!r}")
         check(group["adjust_lr_fn"] is None or group["adjust_lr_fn"] in SCALE_RULES,
               f"{name}: adjust_lr_fn must be one of {SCALE_RULES} or None, got {group['adjust_lr_fn']!r}")
         if not (self._fitted_ok and group["ns_coefficients"] == "fitted"):
@@ -231,7 +239,8 @@ class Muon(CompanionOptimizer):
                         weight_decay=group["weight_decay"], momentum=group["momentum"],
                         nesterov=group["nesterov"], ns_coefficients=self._coefficients(p, group),
                         ns_steps=group["ns_steps"], eps=group["eps"],
-                        adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"], preprocess=pre)
+                        adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"], preprocess=pre,
+                        ns_method=group.get("ns_method", "auto"))
 
     def _sharded_step(self, group: dict, pairs: list[tuple[Tensor, Tensor]], pre, rank: int, world: int,
                       process_group) -> None:
@@ -247,7 +256,7 @@ class Muon(CompanionOptimizer):
         def orthogonalize_one(i: int, whole: Tensor) -> Tensor:  # on the owner, on the full matrix
             return muon_orthogonalize(whole, ns_coefficients=self._coefficients(pairs[i][0], group),
                                       ns_steps=group["ns_steps"], eps=group["eps"], ns_dtype=group["ns_dtype"],
-                                      preprocess=pre)
+                                      preprocess=pre, ns_method=group.get("ns_method", "auto"))
 
         lr = float(group["lr"])
         for i, update in sharded_map(orthogonalize_one, inputs, rank, world, process_group):

@@ -129,9 +129,10 @@ class ROOT(Muon):
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: Schedule | str = "fitted", ns_steps: int = 5,
                  eps: float = 1e-7, adjust_lr_fn: str | None = "rms",
-                 ns_dtype: torch.dtype | None = torch.bfloat16, quantile: float | None = 0.9) -> None:
+                 ns_dtype: torch.dtype | None = torch.bfloat16, quantile: float | None = 0.9,
+                 ns_method: str = "auto") -> None:
         defaults = muon_defaults(lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps,
-                                 adjust_lr_fn, ns_dtype)
+                                 adjust_lr_fn, ns_dtype, ns_method)
         CompanionOptimizer.__init__(self, params, dict(defaults, quantile=quantile))
 
     def _check_main_group(self, group: dict) -> None:

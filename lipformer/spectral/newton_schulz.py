@@ -1,7 +1,11 @@
 """Newton–Schulz polar iterations: the odd quintics behind Muon, ROOT and the matmul-only caps.
 
 Approximate and fast (bf16 by default): nothing computed here may enter a certificate. The
-coefficient schedules are named as in their papers (REFERENCES.md).
+coefficient schedules are named as in their papers (REFERENCES.md). Two ways to run the same
+polynomials: the standard iteration on X (torch.optim.Muon's arithmetic, bit for bit) and the Gram
+iteration on the n × n matrix XXᵀ (fewer flops for long rectangles; the idea of Dao lab's Gram
+Newton–Schulz, written here from the identity X_k = P_k(XXᵀ)·X_0), chosen by `orthogonalize`'s
+`method` ("auto": by `gram_is_cheaper`, with the device's precision plan `gram_plan`).
 """
 
 from __future__ import annotations
@@ -10,8 +14,6 @@ import math
 from typing import Sequence, Union
 
 import torch
-from torch import Tensor
-
 from torch import Tensor
 
 Coefficients = tuple[float, float, float]
@@ -61,25 +63,115 @@ def coefficient_schedule(coefficients: Schedule, steps: int) -> list[Coefficient
     return [tuple(float(v) for v in c) for c in coefficients[:steps]]  # type: ignore[misc]
 
 
+def _times_poly(update: Tensor, Y: Tensor, a: float) -> Tensor:
+    """a·Y + update·Y, fused (addmm for a matrix, baddbmm for a stack) as torch.optim.Muon does."""
+    if Y.ndim == 2:
+        return torch.addmm(Y, update, Y, beta=a)
+    return torch.baddbmm(Y, update, Y, beta=a)
+
+
+def _quintic_part(R: Tensor, b: float, c: float) -> Tensor:
+    """b·R + c·R², the non-constant part of the step polynomial q(R) = aI + bR + cR²."""
+    if R.ndim == 2:
+        return torch.addmm(R, R, R, beta=b, alpha=c)
+    return torch.baddbmm(R, R, R, beta=b, alpha=c)
+
+
 def _odd_quintic(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     """X ← aX + (b·XXᵀ + c·(XXᵀ)²)X for each (a, b, c); X must be wide or square (rows ≤ cols).
 
     The 2-D path uses the same fused addmm calls as torch.optim.Muon so that the two agree to
     the last bit in bf16; stacks go through baddbmm.
     """
-    if X.ndim == 2:
-        for a, b, c in schedule:
-            gram = X @ X.T
-            update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-            X = torch.addmm(X, update, X, beta=a)
-        return X
     lead = X.shape[:-2]
-    X = X.reshape(-1, *X.shape[-2:])
+    if X.ndim > 3:
+        X = X.reshape(-1, *X.shape[-2:])
     for a, b, c in schedule:
-        gram = X @ X.mT
-        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        X = torch.baddbmm(X, update, X, beta=a)
+        X = _times_poly(_quintic_part(X @ X.mT, b, c), X, a)
     return X.reshape(*lead, *X.shape[-2:])
+
+
+def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequence[int] = ()) -> Tensor:
+    """The same odd quintics as `_odd_quintic`, iterated on the n × n Gram matrix (X is n × m, n ≤ m).
+
+    Each step multiplies X on the left by q_k(R_k) = a_k I + b_k R_k + c_k R_k², R_k = X_k X_kᵀ, so
+    X_K = P·X_0 with P = q_{K-1}(R_{K-1})···q_0(R_0), and since q_k(R_k) is a polynomial in R_k it
+    commutes with it: R_{k+1} = q_k R_k q_k. Only the first Gram R_0 = X_0X_0ᵀ and the final P·X_0
+    touch the long side m; every step in between costs four n × n products (R², R·q, q·(Rq), q·P)
+    instead of two n × n × m ones and one n × n, which wins once m ≳ 2n.
+
+    The recursion for R never looks at X again, so rounding in R and P compounds, and P grows like
+    the product of the a_k (≈ 1/σ for the smallest σ of X_0): in bf16 a relative error of 2⁻⁸ in a P
+    of size 40 is a visible error in P·X_0. A restart before step k (k in `restarts`) forms
+    X_k = P·X_0 and its Gram afresh, resetting that growth at the cost of one extra n × n × m pair.
+
+    Plain matmuls plus `torch.add(·, alpha=)` rather than addmm(beta, alpha): on CPU, bf16 addmm with
+    a scaled input runs about half as fast as a bare matmul at these sizes.
+    """
+    lead = X.shape[:-2]
+    if X.ndim > 3:
+        X = X.reshape(-1, *X.shape[-2:])
+    R = X @ X.mT
+    P = None  # None stands for the identity since the last (re)start
+    last = len(schedule) - 1
+    for k, (a, b, c) in enumerate(schedule):
+        if k in restarts and P is not None:
+            X = P @ X
+            R = X @ X.mT
+            P = None
+        update = torch.add(R @ R, R, alpha=b / c).mul_(c) if c != 0 else R * b  # q(R) − aI
+        if P is None:
+            P = update.clone()
+            P.diagonal(dim1=-2, dim2=-1).add_(a)
+        else:
+            P = torch.add(update @ P, P, alpha=a)
+        if k < last and k + 1 not in restarts:  # a restart re-forms R from X anyway
+            # R ← q R q; the mean with the transpose keeps R exactly symmetric (rounding breaks
+            # the commuting of q and R otherwise, and the error would compound step to step).
+            RQ = torch.add(update @ R, R, alpha=a)
+            R = torch.add(update @ RQ, RQ, alpha=a)
+            R = (R + R.mT).mul_(0.5)
+    X = P @ X
+    return X.reshape(*lead, *X.shape[-2:])
+
+
+Method = str  # "auto" | "gram" | "standard"
+
+
+def gram_plan(dtype: torch.dtype, device: torch.device, steps: int) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, restarts) the Gram iteration uses for a `dtype` input on `device`.
+
+    Measured against SVD (tests/test_spectral.py, docs/benchmarks.md): with no restart, half
+    precision breaks on ill-conditioned inputs (cond ≳ 1e2: σ up to 1.6 for classic, up to 30 for
+    Polar Express, singular vectors mixed) because R_0's rounding floor hides σ² below it while P still
+    lifts those directions by ∏a_k. Float16 (2⁻¹¹) with one restart before step 2 — Dao lab's choice
+    — is as accurate as the standard bf16 iteration from cond 3 to 1e6; it is the plan on CUDA
+    (float16 runs at bf16 speed there; every R ≤ 1.5 and P ≤ ∏a ≈ 40 per segment fit its range).
+    CPUs run float16 matmuls ~100× slower than bf16, and bf16 (2⁻⁸) needs two restarts (before
+    steps 2 and 4) to match the standard iteration; one restart (before step 3) is enough for σ but
+    mixes singular vectors by up to 0.9 with Polar Express at cond 1e2. Float32 needs none.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return dtype, ()
+    if device.type == "cuda":
+        return torch.float16, tuple(k for k in (2,) if k < steps)
+    return torch.bfloat16, tuple(k for k in (2, 4) if k < steps)
+
+
+def gram_is_cheaper(rows: int, cols: int, steps: int, restarts: Sequence[int] = ()) -> bool:
+    """Does the Gram iteration take fewer multiply-adds than the standard one for a rows × cols X?
+
+    In units of n³ (n = min side, r = max/min ≥ 1): standard K(2r + 1); Gram 2r(1 + restarts) plus
+    about 4 n³ per step (R², Rq, q(Rq), qP) less the products the first and last steps skip.
+    """
+    n, m = sorted((rows, cols))
+    r = m / n
+    restarts = [k for k in restarts if 0 < k < steps]
+    standard = steps * (2 * r + 1)
+    gram = 2 * r * (1 + len(restarts)) + 4 * steps - 4 - len(restarts)
+    # a 10% margin: the n × n products run at a lower rate than the long ones. Measured on CPU bf16
+    # (docs/benchmarks.md): Gram 1.28× faster at aspect 4 (38 vs 45 units), slower when square.
+    return gram < 0.9 * standard
 
 
 def orthogonalize(
@@ -89,6 +181,8 @@ def orthogonalize(
     dtype: torch.dtype | None = torch.bfloat16,
     eps: float = 1e-7,
     out_dtype: torch.dtype | None = None,
+    method: Method = "auto",
+    restarts: Sequence[int] | None = None,
 ) -> Tensor:
     """Approximate polar factor U Vᵀ of G = U Σ Vᵀ by an odd-quintic Newton–Schulz iteration.
 
@@ -96,7 +190,15 @@ def orthogonalize(
     iteration then pushes each σ toward 1. With "classic" the result is only roughly orthogonal
     (σ ∈ ~[0.7, 1.2]) — good enough for Muon, not for a cap. Returns a tensor of `out_dtype`
     (default: G's dtype; pass the working dtype to skip the cast, as torch.optim.Muon does).
+
+    `method`: "standard" iterates on X itself (bit-identical to torch.optim.Muon's Newton–Schulz
+    for the classic schedule), "gram" on the n × n Gram matrix (`_gram_quintic`: same polynomials,
+    fewer flops for rectangular X), "auto" (default) picks "gram" where `gram_is_cheaper`.
+    `restarts`: steps before which the Gram iteration re-forms X (default: `gram_plan`, which also
+    picks its dtype: float16 on CUDA for a bf16/half working dtype, the working dtype elsewhere).
     """
+    if method not in ("auto", "gram", "standard"):
+        raise ValueError(f"unknown method {method!r}; use 'auto', 'gram' or 'standard'")
     if G.ndim < 2:
         raise ValueError(f"orthogonalize needs a matrix (or a stack of them), got shape {tuple(G.shape)}")
     schedule = coefficient_schedule(coefficients, steps)
@@ -107,7 +209,14 @@ def orthogonalize(
         X = X.mT
     norm = torch.linalg.matrix_norm(X, keepdim=True) if X.ndim > 2 else X.norm()
     X = X / (norm * safety).clamp(min=eps) if safety != 1.0 else X / norm.clamp(min=eps)
-    X = _odd_quintic(X, schedule)
+    gram_dtype, planned = gram_plan(X.dtype, X.device, steps)
+    restarts = planned if restarts is None else tuple(restarts)
+    if method == "auto":
+        method = "gram" if gram_is_cheaper(X.size(-2), X.size(-1), steps, restarts) else "standard"
+    if method == "gram":
+        X = _gram_quintic(X.to(gram_dtype), schedule, restarts).to(X.dtype)
+    else:
+        X = _odd_quintic(X, schedule)
     if tall:
         X = X.mT
     return X.to(out_dtype or G.dtype)
