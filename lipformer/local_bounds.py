@@ -21,6 +21,9 @@ ROUND_UP = 1.0 + 1e-10
 
 _SQRT2 = math.sqrt(2.0)
 GELU_SLOPE_MAX = 0.5 * (1.0 + math.erf(1.0)) + _SQRT2 * math.exp(-1.0) / math.sqrt(2.0 * math.pi)
+GELU_SLOPE_MAX_UP = GELU_SLOPE_MAX * (1 + 1e-12)
+# |GELU″(z)| = φ(z)|2 − z²| is largest at z = 0: 2φ(0) = 0.7979 (elsewhere ≤ 0.11 beyond √2)
+GELU_CURVATURE_MAX = 0.8
 
 
 def gelu_slope(z: Tensor) -> Tensor:
@@ -28,31 +31,22 @@ def gelu_slope(z: Tensor) -> Tensor:
     return 0.5 * (1.0 + torch.erf(z / _SQRT2)) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
-def gelu_slope_bound(lo: Tensor, hi: Tensor) -> Tensor:
-    """Upper bound on max |GELU′| over each interval [lo, hi].
-
-    GELU″(z) = φ(z)(2 − z²): GELU′ rises on [−√2, √2] to its maximum 1.1289… at √2 and falls outside,
-    with its minimum 1 − 1.1289… at −√2 (GELU′(−z) = 1 − GELU′(z)). So the largest |GELU′| on an
-    interval is at an endpoint or at ±√2 when the interval contains it. Evaluations carry an absolute
-    allowance of 10⁻¹³ (erf and exp within a few ulp), and nothing exceeds the global maximum.
-    """
-    best = torch.maximum(gelu_slope(lo).abs(), gelu_slope(hi).abs())
-    best = torch.where((lo <= _SQRT2) & (hi >= _SQRT2), torch.full_like(best, GELU_SLOPE_MAX), best)
-    best = torch.where((lo <= -_SQRT2) & (hi >= -_SQRT2), torch.maximum(best, torch.full_like(best, GELU_SLOPE_MAX - 1)), best)
-    return torch.clamp(best + 1e-13, max=GELU_SLOPE_MAX * (1 + 1e-12))
-
-
 def exclusive_logsumexp(a: Tensor) -> Tensor:
-    """log Σ_{r≠s} e^{a_r} for every s along the last dimension, without subtracting anything.
+    """log Σ_{r≠s} e^{a_r} for every s along the last dimension, without catastrophic cancellation.
 
-    `log(Σ_r e^{a_r} − e^{a_s})` cancels catastrophically when s dominates (exactly the confident rows
-    local certificates are for); the sum over the others is the sum of a prefix and a suffix, both
-    sums of positive terms. −∞ entries (masked keys) contribute nothing.
+    `log(Σ_r e^{a_r} − e^{a_s})` cancels when s dominates (exactly the confident rows local
+    certificates are for). With M the row maximum at s*, for s ≠ s* the others include e^{a_s* − M} = 1
+    ≥ e^{a_s − M}, so the difference is at least half the total and keeps the sum's relative accuracy;
+    for s* itself the others are summed directly with s* left out. −∞ entries (masked keys) add 0.
     """
-    inf = torch.full_like(a[..., :1], -math.inf)
-    prefix = torch.cat([inf, torch.logcumsumexp(a, -1)[..., :-1]], -1)
-    suffix = torch.cat([torch.logcumsumexp(a.flip(-1), -1).flip(-1)[..., 1:], inf], -1)
-    return torch.logaddexp(prefix, suffix)
+    top, where = a.max(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    x = torch.exp(a - top)
+    total = x.sum(-1, keepdim=True)
+    others = (total - x).clamp(min=0)
+    without_top = x.scatter(-1, where, torch.zeros_like(where, dtype=x.dtype)).sum(-1, keepdim=True)
+    others = others.scatter(-1, where, without_top)
+    return torch.log(others) + top
 
 
 def softmax_box(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor, float]:
@@ -69,8 +63,9 @@ def softmax_box(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor, float]:
     hi, lo = center + radius, center - radius
     up = torch.sigmoid(hi - exclusive_logsumexp(lo))
     low = torch.sigmoid(lo - exclusive_logsumexp(hi))
-    # every exponent is off by ≤ u·|value| per rounding (the sums ĉ ± r, the running log-sum-exp of
-    # ≤ T terms: ≤ (T + 4)·u·(1 + |largest|) in the log, plus exp/log/sigmoid within 4 ulp each)
+    # every exponent is off by ≤ u·|value| per rounding (the sums ĉ ± r, the shift by the row maximum),
+    # the sum of ≤ T exponentials by a relative 2γ_T (×2 where one term is taken off, see above), and
+    # exp/log/sigmoid by 4 ulp each: all within eta relative on up and low
     finite = torch.isfinite(center)
     top = float(torch.where(finite, center.abs() + radius, torch.zeros_like(center)).max()) if center.numel() else 0.0
     eta = 4.0 * (center.size(-1) + 32) * U * (2.0 + top)

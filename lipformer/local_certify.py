@@ -65,7 +65,7 @@ def clean_pass(model, ids: Tensor, attention_mask: Tensor | None = None) -> Clea
     return CleanPass(inputs, hidden, (rope[0][0, 0], rope[1][0, 0]), allowed)
 
 
-def final_radii(model, clean: CleanPass, eps: Tensor, bounds) -> Tensor:
+def final_radii(model, clean: CleanPass, eps: Tensor) -> Tensor:
     """(K, T): ℓ2 radius around ĥ_t that contains the exact final hidden state at position t for
     every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[k] (docs/lipschitz.md §9d)."""
     d = clean.hidden.size(-1)
@@ -89,16 +89,17 @@ def _lambda(model, T: int) -> float:
 
 
 @torch.no_grad()
-def local_radii(model, ids, bounds=None, *, attention_mask: Tensor | None = None, tolerance: float = 0.05,
-                max_trials: int = 160) -> tuple[Tensor, Tensor, Tensor]:
+def local_radii(model, ids, bounds=None, *, attention_mask: Tensor | None = None, tolerance: float = 0.1,
+                max_trials: int = 96) -> tuple[Tensor, Tensor, Tensor]:
     """(prediction, margin, local radius) for every position of one sequence (1, T) or list of ids.
 
-    Bisection on ε per position, batched: positions that share a bracket share their trial ε, so a
-    round costs one local pass per distinct bracket. Stops when every bracket is within
-    1 + `tolerance` or after `max_trials` trial values; the radius reported is the largest ε that
-    passed (0 when none did).
+    Bisection on ε per position over the lattice ε_j = ε_lo·(1 + tolerance)^j, batched: every round
+    tests the distinct midpoints of the positions' brackets in one local pass, so positions whose
+    brackets share a midpoint share the trial. The radius reported is the largest lattice ε that
+    passed (0 when none did), within a factor 1 + tolerance of the largest that would pass, unless
+    `max_trials` trial values ran out first.
     """
-    from .certify import head_margins, require_float64
+    from .certify import head_margins, radii_from_hidden, require_float64
 
     require_float64(model)
     bounds = bounds or model.bounds()
@@ -113,43 +114,37 @@ def local_radii(model, ids, bounds=None, *, attention_mask: Tensor | None = None
             return pred, margin, radius
         # e_N ≥ (1 − α)^{2N}·√d·ε (each residual keeps (1 − α) of the radius): no ε above this passes
         keep = (1 - model.config.residual_alpha) ** (2 * model.config.num_hidden_layers)
-        top = distance / (math.sqrt(d) * keep)
-        hi_all = float(top[ok].max())
-        lo_all = float(top[ok].min()) * 1e-9
-        grid = torch.logspace(math.log10(lo_all), math.log10(hi_all), 16, dtype=torch.float64)
-        passed = _verify(model, clean, grid, distance, bounds)          # (16, T)
-        low = torch.zeros(T, dtype=torch.float64)
-        high = top.clone()
-        for k in range(grid.numel()):   # the largest grid value that passed, the next one up failed
-            low = torch.where(passed[k], grid[k], low)
-        for k in reversed(range(grid.numel())):
-            high = torch.where(~passed[k] & (grid[k] > low), torch.minimum(high, grid[k]), high)
-        trials = grid.numel()
-        active = ok & (low > 0)
+        top = float((distance[ok] / (math.sqrt(d) * keep)).max())
+        glob = radii_from_hidden(clean.hidden, model.head.weight, bounds)[2]
+        floor = float(glob[ok & (glob > 0)].min()) / 2 if (ok & (glob > 0)).any() else top * 1e-12
+        ratio = 1.0 + tolerance
+        J = max(1, math.ceil(math.log(top / floor) / math.log(ratio)))
+        lattice = floor * ratio ** torch.arange(J + 1, dtype=torch.float64)
+        low = torch.full((T,), -1, dtype=torch.long)       # index that passed (−1: none yet)
+        high = torch.full((T,), J + 1, dtype=torch.long)   # index that failed (J + 1: above the top)
+        high[~ok] = 0
+        trials = 0
         while trials < max_trials:
-            todo = active & (high > low * (1 + tolerance))
+            todo = high - low > 1
             if not todo.any():
                 break
-            mids = (low[todo] * high[todo]).sqrt()
-            values = mids.unique()[: max_trials - trials]
+            mids = (low + high) // 2
+            values = mids[todo].unique()[: max_trials - trials]
             trials += values.numel()
-            passed = _verify(model, clean, values, distance, bounds)    # (K, T)
-            index = torch.searchsorted(values, mids).clamp(max=values.numel() - 1)
-            tested = values[index] == mids
-            where = todo.nonzero()[:, 0]
-            verdict = passed[index, where]
-            upd = where[tested & verdict]
-            low[upd] = mids[tested & verdict]
-            upd = where[tested & ~verdict]
-            high[upd] = mids[tested & ~verdict]
-        radius = torch.where(ok, low, radius) * (1 - 1e-12)
+            passed = _verify(model, clean, lattice[values], distance)       # (K, T)
+            slot = torch.searchsorted(values, mids.clamp(max=J)).clamp(max=values.numel() - 1)
+            tested = todo & (values[slot] == mids)
+            verdict = passed[slot, torch.arange(T)]
+            low = torch.where(tested & verdict, mids, low)
+            high = torch.where(tested & ~verdict, mids, high)
+        radius = torch.where(low >= 0, lattice[low.clamp(min=0)], radius) * (1 - 1e-12)
     return pred, margin, radius
 
 
-def _verify(model, clean: CleanPass, eps: Tensor, distance: Tensor, bounds, batch: int = 16) -> Tensor:
+def _verify(model, clean: CleanPass, eps: Tensor, distance: Tensor, batch: int = 16) -> Tensor:
     """(K, T) bool: position t certified at eps[k] (its final radius is below its head distance)."""
     out = []
     for i in range(0, eps.numel(), batch):
-        e = final_radii(model, clean, eps[i:i + batch], bounds)
+        e = final_radii(model, clean, eps[i:i + batch])
         out.append(e * ROUND_UP < distance[None])
     return torch.cat(out)
