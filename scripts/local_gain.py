@@ -58,7 +58,7 @@ def main() -> None:
     val = np.fromfile(prepare_shakespeare()["val_bin"], dtype=np.uint16)[256:].astype(np.int64)  # skip the header
     summary = {}
     for spec in args.runs:
-        label, _, path = spec.partition("=")
+        label, _, path = spec.rpartition("=")
         model = certify.float64_copy(LipformerForCausalLM.from_pretrained(model_dir(Path(path))))
         bounds = model.bounds()
         T = model.config.max_position_embeddings
