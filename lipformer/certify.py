@@ -33,7 +33,9 @@ class PositionCertificate:
     token: int          # the input token at this position
     prediction: int     # argmax of the logits here (the predicted next token)
     margin: float       # z_y − max_{j≠y} z_j
-    radius: float       # certified radius in max-rms units of inputs_embeds
+    radius: float       # certified radius in max-rms units of inputs_embeds (the best sound one)
+    radius_local: float | None = None    # from the local bound (docs/lipschitz.md §9); None: not computed
+    radius_global: float | None = None   # from the global bound L_body (§6)
 
 
 def float64_copy(model: LipformerForCausalLM) -> LipformerForCausalLM:
@@ -50,27 +52,25 @@ def require_float64(model: LipformerForCausalLM) -> None:
 
 
 @torch.no_grad()
-def radii_from_hidden(hidden: Tensor, head_weight: Tensor, bounds: ModelBound) -> tuple[Tensor, Tensor, Tensor]:
-    """(prediction, margin, radius) per row of the float64 final hidden states (T, d).
+def head_margins(hidden: Tensor, head_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(prediction, margin, distance) per row of the float64 final hidden states (T, d).
 
-    radius = min_{j≠y} [((w_y − w_j)·h − rounding) / ‖w_y − w_j‖ − √d·e_h] / (√d · L_body), ≥ 0,
-    with e_h = `bounds.hidden_error` (docs/lipschitz.md §6–6a). Margins are formed from the
-    difference of head rows, so nearly equal rows cannot turn the rounding of two large logits
-    into a large radius.
+    distance = min_{j≠y} [(w_y − w_j)·ĥ − rounding] / ‖w_y − w_j‖ is a guaranteed lower bound on the
+    ℓ2 distance from ĥ to the nearest hidden state where class j could beat y (docs/lipschitz.md §6):
+    any exact h with ‖h − ĥ‖₂ < distance predicts y. Margins are formed from the difference of head
+    rows, so nearly equal rows cannot turn the rounding of two large logits into a large distance.
     """
     if hidden.dtype != torch.float64 or head_weight.dtype != torch.float64:
         raise ValueError("radii_from_hidden needs float64 hidden states and head weights")
     h, W = hidden.reshape(-1, hidden.size(-1)), head_weight
     d = W.size(1)
-    root_d = math.sqrt(d)
     gamma = spectral.gamma(d + 4)
     # products that underflow lose ≤ 2⁻¹⁰⁷⁵ each (sums of subnormals are exact): an absolute term
     underflow = 2.0 * (d + 2) * 2.0**-1074
     pred = (h @ W.mT).argmax(-1)
     h_norm = spectral.row_norm_upper(h)                     # norms that neither under- nor overflow
-    slack = root_d * bounds.hidden_error * (1 + 1e-12)  # ‖h − h_exact‖₂ ≤ √d·e_h
     margin = torch.empty(h.size(0), dtype=torch.float64)
-    radius = torch.empty(h.size(0), dtype=torch.float64)
+    distance = torch.empty(h.size(0), dtype=torch.float64)
     for y in pred.unique():                                  # one table of w_y − w_j per prediction
         rows = (pred == y).nonzero()[:, 0]
         D = W[y] - W                                         # (V, d); each entry within u of exact
@@ -78,25 +78,45 @@ def radii_from_hidden(hidden: Tensor, head_weight: Tensor, bounds: ModelBound) -
         m = h[rows] @ D.mT                                   # (rows, V): z_y − z_j
         # |fl(D·h) − (w_y − w_j)·h| ≤ (γ_d + 2u)·‖D‖‖h‖ (dot product, and D's own rounding)
         low = m - 2 * gamma * h_norm[rows, None] * dist - underflow
-        quotient = (low / dist) * (1 - 1e-12) - slack
+        quotient = (low / dist) * (1 - 1e-12)
         quotient[:, dist == 0] = -math.inf   # a duplicate head row: a tie no radius can protect
         quotient[:, y] = math.inf
-        r = (quotient.amin(-1).clamp(min=0) / (root_d * bounds.body)) * (1 - 1e-12)
-        radius[rows] = torch.nan_to_num(r, nan=0.0)          # NaN (overflowed rows or bounds): no claim
+        distance[rows] = torch.nan_to_num(quotient.amin(-1), nan=-math.inf)  # NaN: no claim
         m[:, y] = math.inf
         margin[rows] = m.amin(-1)
-    return pred, margin, radius
+    return pred, margin, distance
 
 
 @torch.no_grad()
-def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBound | None = None
-                   ) -> list[PositionCertificate]:
+def radii_from_hidden(hidden: Tensor, head_weight: Tensor, bounds: ModelBound) -> tuple[Tensor, Tensor, Tensor]:
+    """(prediction, margin, radius) per row of the float64 final hidden states (T, d).
+
+    radius = min_{j≠y} [((w_y − w_j)·h − rounding) / ‖w_y − w_j‖ − √d·e_h] / (√d · L_body), ≥ 0,
+    with e_h = `bounds.hidden_error` (docs/lipschitz.md §6–6a).
+    """
+    pred, margin, distance = head_margins(hidden, head_weight)
+    root_d = math.sqrt(head_weight.size(1))
+    slack = root_d * bounds.hidden_error * (1 + 1e-12)  # ‖h − h_exact‖₂ ≤ √d·e_h
+    radius = ((distance * (1 - 1e-12) - slack).clamp(min=0) / (root_d * bounds.body)) * (1 - 1e-12)
+    return pred, margin, torch.nan_to_num(radius, nan=0.0)   # NaN (overflowed bounds): no claim
+
+
+METHODS = ("best", "local", "global")
+
+
+@torch.no_grad()
+def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBound | None = None,
+                   method: str = "best") -> list[PositionCertificate]:
     """Certify every position of a token sequence, from one forward pass over the whole of it.
 
     The predictions are exactly those of `model(ids)`: no windows, whatever the length (the model
     has no position limit). `model` must be the float64 copy (see `float64_copy`); `bounds` its
-    bounds for at least len(ids) positions (default: computed for this length, §6a).
+    bounds for at least len(ids) positions (default: computed for this length, §6a). `method`:
+    "global" (the radius from L_body), "local" (from the local bound around this input,
+    docs/lipschitz.md §9) or "best" (the larger of the two: both are sound).
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     require_float64(model)
     bounds = bounds or model.bounds(positions=len(ids))
     if bounds.positions < len(ids):
@@ -104,8 +124,21 @@ def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBou
                          "pass model.bounds(positions=len(ids))")
     ids_t = torch.tensor([ids])
     hidden = model.model(ids_t, use_cache=False).last_hidden_state[0]
-    pred, margin, radius = radii_from_hidden(hidden, model.head.weight, bounds)
-    return [PositionCertificate(i, ids[i], int(pred[i]), float(margin[i]), float(radius[i])) for i in range(len(ids))]
+    pred, margin, glob = radii_from_hidden(hidden, model.head.weight, bounds)
+    local = _local_radii(model, ids_t, bounds, pred) if method != "global" else [None] * len(ids)
+    out: list[PositionCertificate] = []
+    for i in range(len(ids)):
+        g, l = float(glob[i]), None if local[i] is None else float(local[i])
+        best = {"global": g, "local": l, "best": g if l is None else max(g, l)}[method]
+        out.append(PositionCertificate(i, ids[i], int(pred[i]), float(margin[i]), best, l, g))
+    return out
+
+
+def _local_radii(model, piece: Tensor, bounds: ModelBound, pred: Tensor) -> Tensor:
+    from .local_certify import local_radii
+    local_pred, _, radius = local_radii(model, piece, bounds)
+    # both come from the same forward; a differing argmax would be a bug, and is no claim at all
+    return torch.where(local_pred == pred, radius, torch.zeros_like(radius))
 
 
 def certified_fractions(certs: list[PositionCertificate], radii=DEFAULT_RADII,

@@ -165,7 +165,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     ids = _encode(tokenizer, text) if text is not None else []
     bounds = model64.bounds(positions=len(ids))  # the float64 allowance for this text's length
     if text is not None:
-        certs = certify.certify_tokens(model64, ids, bounds)
+        certs = certify.certify_tokens(model64, ids, bounds, method=args.method)
         if args.attack:
             attack = certify.attack(model64, ids, certs)
     elif args.attack:
@@ -188,11 +188,14 @@ def cmd_certify(args: argparse.Namespace) -> int:
     print(f"Lipschitz bound inputs_embeds → logits: {bounds.total:.6g}")
     if certs:
         show = certs if len(certs) <= 64 else certs[:32] + certs[-32:]
-        print(f"{'index':>6s} {'token':>12s} {'prediction':>12s} {'margin':>10s} {'radius':>11s}")
+        print(f"{'index':>6s} {'token':>12s} {'prediction':>12s} {'margin':>10s} {'radius':>11s} "
+              f"{'local':>11s} {'global':>11s}")
+        na = lambda r: f"{'-':>11s}" if r is None else f"{r:11.3e}"  # noqa: E731
         for c in show:
             tok = repr(tokenizer.decode([c.token]))[1:-1]
             pred = repr(tokenizer.decode([c.prediction]))[1:-1]
-            print(f"{c.index:6d} {tok:>12s} {pred:>12s} {c.margin:10.4f} {c.radius:11.3e}")
+            print(f"{c.index:6d} {tok:>12s} {pred:>12s} {c.margin:10.4f} {c.radius:11.3e} "
+                  f"{na(c.radius_local)} {na(c.radius_global)}")
         if len(certs) > len(show):
             print(f"({len(certs) - len(show)} positions not shown; use --json for all)")
         fractions = certify.certified_fractions(certs)
@@ -266,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--file")
     cert.add_argument("--json", action="store_true", help="print one JSON object")
     cert.add_argument("--attack", action="store_true", help="PGD attack inside each radius (violations must be 0)")
+    cert.add_argument("--method", choices=("best", "local", "global"), default="best",
+                      help="radius from the local bound around the text, the global bound, or the larger (default)")
     cert.set_defaults(func=cmd_certify)
     ins = sub.add_parser("inspect", help="config, sizes and bounds summary of a saved model")
     ins.add_argument("model_dir")

@@ -14,6 +14,7 @@ The Hugging Face model classes that assemble these modules are in `lipformer.mod
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,8 @@ from torch import Tensor, nn
 
 from . import spectral
 from .config import LipformerConfig
+from .local_bounds import (GELU_CURVATURE_MAX, GELU_SLOPE_MAX_UP, ROUND_UP, distance_upper, gelu_slope,
+                           masked_max, softmax_box)
 
 # GELU's largest slope is Φ(√2) + √2·φ(√2) = 1.1289039...; the architecture divides by the
 # rounded 1.1289, so the activation's Lipschitz constant is this ratio — slightly above 1.
@@ -74,6 +77,18 @@ class ModelBound:
 # Sound σ values are memoized only *within* one `bounds()` call (weights cannot change during it);
 # a cache that outlived the call could go stale through `.data` writes and certify old weights.
 _SIGMA_MEMO: dict | None = None
+
+
+@contextmanager
+def memoized_sigmas():
+    """Reuse sound σ values inside one certification (the weights cannot change during it)."""
+    global _SIGMA_MEMO
+    outer = _SIGMA_MEMO
+    _SIGMA_MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SIGMA_MEMO = outer
 
 
 def _sigma(weight: Tensor, heads: int | None = None) -> Tensor:
@@ -239,6 +254,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def _prefix_max(e: Tensor, allowed: Tensor) -> Tensor:
+    """(K, T): for each query t the largest radius among the keys it may see."""
+    return torch.where(allowed[None], e[:, None, :], torch.zeros((), dtype=e.dtype)).amax(-1)
+
+
+def _box_mean(cost: Tensor, low: Tensor, up: Tensor, allowed: Tensor) -> Tensor:
+    """Upper bound on E_p[cost] over every distribution p with low ≤ p ≤ up (cost ≥ 0), summing over
+    the last dimension: min(Σ up·cost, Σ low·cost + (1 − Σ low)·max cost) (docs/lipschitz.md §9b)."""
+    cost = torch.where(allowed, cost, torch.zeros((), dtype=cost.dtype))
+    spare = (1 - low.sum(-1)).clamp(min=0)
+    return torch.minimum((up * cost).sum(-1), (low * cost).sum(-1) + spare * cost.amax(-1)) * ROUND_UP
+
+
 class Attention(nn.Module):
     """Causal multi-head attention: scores c·q·k/d_head on RoPE'd q, k; output W_o(attn(V))/3."""
 
@@ -294,6 +322,77 @@ class Attention(nn.Module):
         heads = torch.sqrt((sv**2 * (12.0 + shift) ** 2).sum()) + 2.0 * torch.sqrt((sv**2).sum())
         return float(so * lam * B * heads / ATTENTION_DIVISOR)
 
+    def local_bound(self, x: Tensor, e: Tensor, rope: tuple[Tensor, Tensor], allowed: Tensor,
+                    input_bound: float, lam: float, budget: int = 1 << 21) -> Tensor:
+        """Per-token ℓ2 radii of the output around the exact output at x̂ (docs/lipschitz.md §9b).
+
+        x: (T, d) the computed float64 input; e: (K, T) ℓ2 radii of the input around x̂, one row per
+        trial; rope: the (cos, sin) tables the forward used, (T, d_head); allowed: (T, T) the keys
+        each query sees; input_bound: an rms bound on every point of the segments from x̂ (for the
+        global bound); lam: the §6a float64 constant. Returns (K, T): per query and trial, the
+        smaller of the local bound (value path plus min(S_box, S_CS), heads in quadrature, W_o/3)
+        and the global bound times the largest input radius the query sees.
+        """
+        H, dh, c = self.heads, self.head_dim, self.scale
+        T = x.size(0)
+        Wq, Wk, Wv = (m.weight.detach() for m in (self.q, self.k, self.v))
+        # RoPE's float64 tables rotate with norm ≤ 1 + 4u: carried by the factor on σ_Q, σ_K
+        sq, sk, sv = (_sigma(m.weight, H) * ROUND_UP for m in (self.q, self.k, self.v))
+        so = float(_sigma(self.o.weight))
+        split = lambda t: t.view(T, H, dh).transpose(0, 1)  # noqa: E731
+        cos, sin = rope
+        q, k, v = apply_rope(split(F.linear(x, Wq)), cos, sin), apply_rope(split(F.linear(x, Wk)), cos, sin), split(F.linear(x, Wv))
+        # the exact q, k, v at x̂ are within these of the computed ones (§6a step 1)
+        xn = spectral.row_norm_upper(x)
+        dq, dk, dv = (2 * lam * s[:, None] * xn[None] for s in (sq, sk, sv))          # (H, T)
+        qn, kn = spectral.row_norm_upper(q), spectral.row_norm_upper(k)
+        q_up = (qn + dq) * ROUND_UP                                                      # ≥ ‖q_t‖
+        K = e.size(0)
+        eq, ek = sq[None, :, None] * e[:, None], sk[None, :, None] * e[:, None]          # (K, H, T)
+        seen = _prefix_max(e, allowed)                                                 # (K, T)
+        value = sv[None, :, None] * seen[:, None]                                       # (K, H, T)
+        glob = self.bound(input_bound).lipschitz * seen
+        s_box = torch.empty(K, H, T, dtype=x.dtype)
+        s_cs = torch.empty(K, H, T, dtype=x.dtype)
+        f = c / dh
+        rows = max(1, budget // max(1, K * H * T))
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            keys = allowed[t0:t1]
+            S = int(keys.any(0).nonzero().max()) + 1        # causal: later keys are never seen
+            keys = keys[:, :S]
+            raw = f * (q[:, t0:t1] @ k[:, :S].mT)
+            # |computed − exact| score: the errors of q, k, the d_h-term dot product, the scaling
+            gamma = (dh + 4) * 2.0**-53
+            d_a = (f * (dq[:, t0:t1, None] * (kn[:, None, :S] + dk[:, None, :S]) + qn[:, t0:t1, None] * dk[:, None, :S]
+                        + gamma * qn[:, t0:t1, None] * kn[:, None, :S]) + 4 * 2.0**-53 * raw.abs()) * ROUND_UP
+            center = torch.where(keys, raw, torch.full_like(raw, -math.inf))              # (H, Tc, S)
+            p = torch.softmax(center, -1)
+            kappa, vbar = p @ k[:, :S], p @ v[:, :S]             # any fixed centres will do: computed ones
+            kd = distance_upper(kappa, k[:, :S]) + dk[:, None, :S]                      # ≥ ‖k_s − κ_t‖
+            r = distance_upper(vbar, v[:, :S]) + dv[:, None, :S]                        # ≥ ‖v_s − v̄_t‖
+            low0, up0, eta0 = softmax_box(center, d_a)          # the exact clean weights p_t
+            EQ, EK = eq[:, :, t0:t1, None], ek[:, :, None, :S]
+            beta = f * (EQ * kd + q_up[None, :, t0:t1, None] * EK + EQ * EK) * ROUND_UP
+            low1, up1, eta1 = softmax_box(center, beta + d_a)   # every weight on the perturbed segment
+            eta = 2 * max(eta0, eta1)
+            up_l, low_l = up1 * (1 + eta), low1 * (1 - eta)      # outward: the exact box lies inside
+            more = (up1 - low0 + eta * (up1 + low0)).clamp(min=0)    # ≥ p′_s − p_s
+            less = (up0 - low1 + eta * (up0 + low1)).clamp(min=0)    # ≥ p_s − p′_s
+            w = torch.maximum(more, less)
+            tv = torch.minimum(more.sum(-1), less.sum(-1)).clamp(max=1.0)
+            r_max = masked_max(r, keys)
+            s_box[:, :, t0:t1] = torch.minimum((w * r).sum(-1), 2 * tv * r_max)
+            spread_v = r + sv[None, :, None, None] * e[:, None, None, :S]
+            mean = lambda cost: _box_mean(cost, low_l, up_l, keys)  # noqa: E731
+            sk_ = mean((kd + EK).pow(2)).sqrt()
+            ek_ = mean(EK.pow(2).expand_as(beta)).sqrt()
+            sv_ = mean(spread_v.pow(2)).sqrt()
+            s_cs[:, :, t0:t1] = f * (EQ[..., 0] * sk_ + (q_up[None, :, t0:t1] + EQ[..., 0]) * ek_) * sv_
+        heads = value + torch.nan_to_num(torch.minimum(s_box, s_cs), nan=math.inf)
+        local = so * heads.pow(2).sum(1).sqrt() / ATTENTION_DIVISOR * ROUND_UP
+        return torch.minimum(local, glob)
+
 
 class MLP(nn.Module):
     """W_out · gelu(W_in x) / 1.1289."""
@@ -317,6 +416,22 @@ class MLP(nn.Module):
         """rms bound on |float64 forward − exact forward| at one computed input of rms ≤ B (§6a)."""
         return 3.0 * lam * self.fc_in.norm_upper() * self.fc_out.norm_upper() * input_bound
 
+    def local_bound(self, x: Tensor, e: Tensor, input_bound: float, lam: float) -> Tensor:
+        """Per-token ℓ2 radii of the output around the exact output at x̂ (docs/lipschitz.md §9c):
+        σ_out·σ_in·m_t/1.1289·e_t, m_t ≥ |GELU′| anywhere in every unit's reachable interval
+        z_ti ± ‖w_i‖e_t: m_t = max_i |GELU′(ẑ_ti)| + max|GELU″|·max_i(‖w_i‖e_t + rounding).
+        x: (T, d); e: (K, T); returns (K, T)."""
+        W_in = self.fc_in.weight.detach()
+        s_in, s_out = float(_sigma(self.fc_in.weight)), float(_sigma(self.fc_out.weight))
+        z = F.linear(x, W_in)                                                   # (T, d_ff)
+        rows = spectral.row_norm_upper(W_in)                                    # (d_ff,)
+        # |ẑ_ti − z_ti| ≤ γ_d‖w_i‖‖x_t‖ (a d-term dot product)
+        dz = (x.size(-1) + 2) * 2.0**-53 * rows[None] * spectral.row_norm_upper(x)[:, None] * ROUND_UP
+        clean = gelu_slope(z).abs().amax(-1) + 1e-13                            # (T,): erf, exp within ulps
+        reach = (rows.max() * e + dz.amax(-1)) * ROUND_UP                       # (K, T)
+        slope = torch.clamp(clean + GELU_CURVATURE_MAX * reach, max=GELU_SLOPE_MAX_UP)
+        local = s_out * s_in * slope / GELU_DIVISOR * e * ROUND_UP
+        return torch.minimum(local, self.bound(input_bound).lipschitz * e)
 
 def residual_bound(alpha: float, input_bound: float, branch: Bound) -> Bound:
     """x ↦ (1−α)x + α f(x): Lipschitz ≤ (1−α) + α L_f, output ≤ (1−α)B + α B_f."""
@@ -354,6 +469,27 @@ class Block(nn.Module):
             error = wide.lipschitz * error + a * branch.rounding_error(B + error, lam) + 3 * _U64 * wide.output
             B = residual_bound(a, B, branch.bound(B)).output
         return error
+
+    def local_bound(self, x_attn: Tensor, x_mlp: Tensor, e: Tensor, rope, allowed: Tensor,
+                    input_bound: float, lam: float) -> tuple[Tensor, float]:
+        """Radii after the block around its computed output (docs/lipschitz.md §9c–d).
+
+        x_attn, x_mlp: the computed inputs of the two sublayers (T, d); e: (K, T) ℓ2 radii of the
+        exact perturbed input around x_attn; input_bound: rms bound on every exact activation here
+        (the global one). Each residual mixes e ← (1 − α)e + α·f and adds the float64 error of
+        evaluating that sublayer once at the computed input (§6a), which is what separates the
+        next computed activation from the exact function of this one. Returns (e, next bound).
+        """
+        a, root_d = self.alpha, math.sqrt(x_attn.size(-1))
+        B = input_bound
+        for branch, x in ((self.attn, x_attn), (self.mlp, x_mlp)):
+            here = max(B, float(x.pow(2).mean(-1).sqrt().max()) * ROUND_UP)   # x̂ and every exact point
+            f = branch.local_bound(x, e, rope, allowed, here, lam) if branch is self.attn else branch.local_bound(x, e, here, lam)
+            wide = residual_bound(a, here, branch.bound(here))
+            rounding = root_d * (a * branch.rounding_error(here, lam) + 3 * _U64 * wide.output) * ROUND_UP
+            e = ((1 - a) * e + a * f) * ROUND_UP + rounding
+            B = residual_bound(a, B, branch.bound(B)).output
+        return e, B
 
 
 def float64_linear_error(n: int) -> float:

@@ -133,8 +133,9 @@ def test_json_schema_from_the_cli(trained):
     assert [p["index"] for p in doc["positions"]] == list(range(len(ids)))
     assert [p["token"] for p in doc["positions"]] == ids
     for p in doc["positions"]:
-        assert set(p) == {"index", "token", "prediction", "margin", "radius"}
+        assert set(p) == {"index", "token", "prediction", "margin", "radius", "radius_local", "radius_global"}
         assert isinstance(p["prediction"], int) and p["radius"] >= 0
+        assert p["radius"] == max(p["radius_local"], p["radius_global"])  # --method best
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["certificate.json", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
          "tokenizer_config.json"])  # certify never writes into the model folder

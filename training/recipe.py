@@ -53,7 +53,7 @@ class TrainConfig:
     compile: bool = False               # torch.compile on CUDA
     parallel: str = "ddp"               # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2-sharded, large models)
     seed: int = 0
-    certify_radii: list = field(default_factory=lambda: [0.001, 0.003, 0.01])
+    certify_radii: list = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
 
 
 @dataclass

@@ -1,0 +1,150 @@
+"""Local certificates: per-position radii that pay only for the perturbation ball around *this* input.
+
+The global radius (certify.radii_from_hidden) divides each margin by the body's worst-case
+Lipschitz bound over the whole input ball. Here the bound is propagated along the actual clean
+activations instead (docs/lipschitz.md §9): for a trial ε, every token's ℓ2 radius around its
+computed activation is pushed through the blocks by the modules' `local_bound` methods, and
+position t is certified at ε when its final radius is below the distance from ĥ_t to the nearest
+decision boundary of the head. Every term grows with ε, so the radius is found by bisection; any
+ε that passes is sound by itself, and the largest one that passed is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import nn as lnn
+from . import spectral
+from .local_bounds import ROUND_UP, U
+
+
+@dataclass
+class CleanPass:
+    """The computed float64 activations a local bound is centred on, and what the forward used."""
+    inputs: list[tuple[Tensor, Tensor]]   # per block: the inputs of its attention and its MLP, (T, d)
+    hidden: Tensor                        # final hidden states (T, d)
+    rope: tuple[Tensor, Tensor]           # (cos, sin), (T, d_head)
+    allowed: Tensor                       # (T, T): keys each query attends to
+
+
+@torch.no_grad()
+def clean_pass(model, ids: Tensor, attention_mask: Tensor | None = None) -> CleanPass:
+    """Run the model's own forward on one sequence (1, T), recording every sublayer's input.
+
+    Hooks record what the forward computed, so the prediction certified is the model's own.
+    """
+    seen: dict = {}
+
+    def grab(name):
+        def hook(module, args):
+            seen[name] = args
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.attn.register_forward_pre_hook(grab(("attn", i))))
+        hooks.append(layer.mlp.register_forward_pre_hook(grab(("mlp", i))))
+    try:
+        hidden = model.model(ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    x, rope, mask = seen[("attn", 0)][:3]
+    T = x.size(1)
+    if mask is None:   # plain causal attention
+        allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    else:
+        allowed = mask[0, 0, :, -T:].bool()
+        if mask.size(-1) != T:
+            raise ValueError("local certificates cover one sequence without a KV cache")
+    inputs = [(seen[("attn", i)][0][0], seen[("mlp", i)][0][0]) for i in range(len(model.model.layers))]
+    return CleanPass(inputs, hidden, (rope[0][0, 0], rope[1][0, 0]), allowed)
+
+
+def final_radii(model, clean: CleanPass, eps: Tensor) -> Tensor:
+    """(K, T): ℓ2 radius around ĥ_t that contains the exact final hidden state at position t for
+    every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[k] (docs/lipschitz.md §9d)."""
+    d = clean.hidden.size(-1)
+    root_d = math.sqrt(d)
+    lam = _lambda(model, clean.hidden.size(0))
+    ball = model.model.ball
+    T = clean.hidden.size(0)
+    # the input ball is 1-Lipschitz per token; its float64 evaluation is off by ≤ (γ_d + 8u)·r in rms
+    start = root_d * (spectral.gamma(d) + 8 * U) * ball.radius
+    e = (root_d * eps[:, None] * ROUND_UP + start).expand(-1, T).clone()
+    B = ball.radius
+    with lnn.memoized_sigmas():
+        for layer, (x_attn, x_mlp) in zip(model.model.layers, clean.inputs):
+            e, B = layer.local_bound(x_attn, x_mlp, e, clean.rope, clean.allowed, B, lam)
+    return e
+
+
+def _lambda(model, T: int) -> float:
+    c = model.config
+    return lnn.float64_linear_error(max(8, c.hidden_size, c.intermediate_size, T, c.max_position_embeddings))
+
+
+@torch.no_grad()
+def local_radii(model, ids, bounds=None, *, attention_mask: Tensor | None = None, tolerance: float = 0.1,
+                max_trials: int = 96) -> tuple[Tensor, Tensor, Tensor]:
+    """(prediction, margin, local radius) for every position of one sequence (1, T) or list of ids.
+
+    Bisection on ε per position over the lattice ε_j = ε_lo·(1 + tolerance)^j, batched: every round
+    tests the distinct midpoints of the positions' brackets in one local pass, so positions whose
+    brackets share a midpoint share the trial. The radius reported is the largest lattice ε that
+    passed (0 when none did), within a factor 1 + tolerance of the largest that would pass, unless
+    `max_trials` trial values ran out first.
+    """
+    from .certify import head_margins, radii_from_hidden, require_float64
+
+    require_float64(model)
+    bounds = bounds or model.bounds()
+    ids = torch.as_tensor(ids).reshape(1, -1)
+    with lnn.memoized_sigmas():
+        clean = clean_pass(model, ids, attention_mask)
+        pred, margin, distance = head_margins(clean.hidden, model.head.weight)
+        T, d = clean.hidden.shape
+        radius = torch.zeros(T, dtype=torch.float64)
+        ok = torch.isfinite(distance) & (distance > 0)
+        if not ok.any():
+            return pred, margin, radius
+        # e_N ≥ (1 − α)^{2N}·√d·ε (each residual keeps (1 − α) of the radius): no ε above this passes
+        keep = (1 - model.config.residual_alpha) ** (2 * model.config.num_hidden_layers)
+        top = float((distance[ok] / (math.sqrt(d) * keep)).max())
+        glob = radii_from_hidden(clean.hidden, model.head.weight, bounds)[2]
+        floor = float(glob[ok & (glob > 0)].min()) / 2 if (ok & (glob > 0)).any() else top * 1e-12
+        ratio = 1.0 + tolerance
+        J = max(1, math.ceil(math.log(top / floor) / math.log(ratio)))
+        lattice = floor * ratio ** torch.arange(J + 1, dtype=torch.float64)
+        low = torch.full((T,), -1, dtype=torch.long)       # index that passed (−1: none yet)
+        high = torch.full((T,), J + 1, dtype=torch.long)   # index that failed (J + 1: above the top)
+        high[~ok] = 0
+        trials = 0
+        while trials < max_trials:
+            todo = high - low > 1
+            if not todo.any():
+                break
+            mids = (low + high) // 2
+            values = mids[todo].unique()[: max_trials - trials]
+            trials += values.numel()
+            passed = _verify(model, clean, lattice[values], distance)       # (K, T)
+            slot = torch.searchsorted(values, mids.clamp(max=J)).clamp(max=values.numel() - 1)
+            tested = todo & (values[slot] == mids)
+            verdict = passed[slot, torch.arange(T)]
+            low = torch.where(tested & verdict, mids, low)
+            high = torch.where(tested & ~verdict, mids, high)
+        radius = torch.where(low >= 0, lattice[low.clamp(min=0)], radius) * (1 - 1e-12)
+    return pred, margin, radius
+
+
+def _verify(model, clean: CleanPass, eps: Tensor, distance: Tensor, batch: int = 16) -> Tensor:
+    """(K, T) bool: position t certified at eps[k] (its final radius is below its head distance)."""
+    out = []
+    for i in range(0, eps.numel(), batch):
+        e = final_radii(model, clean, eps[i:i + batch])
+        out.append(e * ROUND_UP < distance[None])
+    return torch.cat(out)
