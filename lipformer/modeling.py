@@ -383,7 +383,11 @@ def certificate_status(folder: str | os.PathLike) -> tuple[str, str]:
         recorded = json.loads(path.read_text(encoding="utf-8")).get("files") or {}
     except (ValueError, UnicodeDecodeError, AttributeError):
         recorded = {}
-    for name in ("config.json", *saved_weight_files(Path(folder))):
+    try:
+        names = ["config.json", *saved_weight_files(Path(folder))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "stale", f"{CERTIFICATE_NAME} is stale: the folder's weights index is unreadable; recomputing the bounds"
+    for name in names:
         if name not in recorded:
             return "stale", f"{CERTIFICATE_NAME} is stale: it records no hash of {name}; recomputing the bounds"
         if not (Path(folder) / name).is_file() or recorded[name] != sha256_file(Path(folder) / name):
