@@ -158,18 +158,19 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if args.text is not None and args.file is not None:
         raise UsageError("pass only one of --text or --file")
     text = args.text if args.file is None else _read_utf8(args.file)
+    if args.attack and text is None:
+        raise UsageError("--attack needs a text to attack: pass --text or --file")
     model, tokenizer = _load(args.model_dir)
+    ids = _encode(tokenizer, text) if text is not None else []
+    # after every check that can refuse the input: an error stays a single line
     _report_certificate(args.model_dir, sys.stderr if args.json else sys.stdout)
     model64 = certify.float64_copy(model)
     certs = attack = None
-    ids = _encode(tokenizer, text) if text is not None else []
     bounds = model64.bounds(positions=len(ids))  # the float64 allowance for this text's length
     if text is not None:
         certs = certify.certify_tokens(model64, ids, bounds, method=args.method)
         if args.attack:
             attack = certify.attack(model64, ids, certs)
-    elif args.attack:
-        raise UsageError("--attack needs a text to attack: pass --text or --file")
     if args.json:
         out = certify.certificate_json(bounds, certs)
         if attack is not None:

@@ -161,7 +161,8 @@ def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     """
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        # a finite fill: a fully masked (padding) row then gets uniform weights instead of NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
@@ -210,11 +211,13 @@ class LipformerModel(LipformerPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         # Attention weights exist only on the eager path (fused kernels never form them).
-        impl = "eager" if output_attentions else self.config._attn_implementation
-        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
-                                  position_ids=position_ids) if impl == self.config._attn_implementation else \
-            _eager_mask(self.config, x, attention_mask, cache, position_ids)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
+        mask_config = self.config
+        if output_attentions and self.config._attn_implementation != "eager":
+            mask_config = copy.copy(self.config)  # the eager interface wants its own (additive) mask
+            mask_config._attn_implementation = "eager"
+        mask = create_causal_mask(config=mask_config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+                                  position_ids=position_ids)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(mask_config._attn_implementation, eager_attention)
         attentions = [] if output_attentions else None
 
         def attend(module, q, k, v, attn_mask):  # the module's own scale: the one its bound uses
@@ -233,14 +236,6 @@ class LipformerModel(LipformerPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache,
                                        hidden_states=tuple(hidden) if hidden is not None else None,
                                        attentions=tuple(attentions) if attentions is not None else None)
-
-
-def _eager_mask(config, x, attention_mask, cache, position_ids):
-    """The mask `create_causal_mask` builds for the eager interface (used when attentions are requested)."""
-    eager = copy.copy(config)
-    eager._attn_implementation = "eager"
-    return create_causal_mask(config=eager, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
-                              position_ids=position_ids)
 
 
 class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
@@ -397,7 +392,11 @@ def certificate_status(folder: str | os.PathLike) -> tuple[str, str]:
         recorded = json.loads(path.read_text(encoding="utf-8")).get("files") or {}
     except (ValueError, UnicodeDecodeError, AttributeError):
         recorded = {}
-    for name in ("config.json", *saved_weight_files(Path(folder))):
+    try:
+        names = ["config.json", *saved_weight_files(Path(folder))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "stale", f"{CERTIFICATE_NAME} is stale: the folder's weights index is unreadable; recomputing the bounds"
+    for name in names:
         if name not in recorded:
             return "stale", f"{CERTIFICATE_NAME} is stale: it records no hash of {name}; recomputing the bounds"
         if not (Path(folder) / name).is_file() or recorded[name] != sha256_file(Path(folder) / name):

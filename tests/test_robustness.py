@@ -136,13 +136,13 @@ def test_corrupt_model_folder_is_refused_in_one_line_and_left_as_it_was(case, sa
     assert snapshot(folder) == before
 
 
-def test_long_input_is_chunked_by_certify_and_cropped_by_generate(saved, capsys):
+def test_long_input_is_certified_whole_and_generate_keeps_the_prompt(saved, capsys):
     tok = char_tokenizer(VOCAB)
     text = TEXT * 3  # 3 × 60 characters, context 16
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert main(["certify", str(saved), "--json", "--text", text]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [p["index"] for p in doc["positions"]] == list(range(len(ids)))  # every position, all chunks
+    assert [p["index"] for p in doc["positions"]] == list(range(len(ids)))  # every position, one forward
     assert [p["token"] for p in doc["positions"]] == ids
     assert main(["generate", str(saved), "--prompt", text, "--max-new-tokens", "50", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
