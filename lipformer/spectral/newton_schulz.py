@@ -169,9 +169,9 @@ def gram_is_cheaper(rows: int, cols: int, steps: int, restarts: Sequence[int] = 
     restarts = [k for k in restarts if 0 < k < steps]
     standard = steps * (2 * r + 1)
     gram = 2 * r * (1 + len(restarts)) + 4 * steps - 4 - len(restarts)
-    # a 10% margin: the n × n products run at a lower rate than the long ones. Measured on CPU bf16
-    # (docs/benchmarks.md): Gram 1.28× faster at aspect 4 (38 vs 45 units), slower when square.
-    return gram < 0.9 * standard
+    # a 20% margin: the n × n products run at a lower rate than the long ones, and the CPU bf16 plan
+    # is noisier than the standard iteration (ROOT + soft cap overshot its cap by 2% with 10%).
+    return gram < 0.8 * standard
 
 
 def orthogonalize(
