@@ -40,7 +40,7 @@ def evaluate(model, val, batches: int, dtype: str, device) -> dict:
 
 
 @torch.no_grad()
-def certified_accuracy(model, val, radii, batches: int = 4, local_sequences: int = 8) -> dict:
+def certified_accuracy(model, val, radii, batches: int = 4, local_sequences: int = 4) -> dict:
     """Fraction of val next-token predictions that are correct AND certified at radius ε.
 
     `certified_accuracy` uses the best sound radius (local or global, docs/lipschitz.md §9) on the
