@@ -31,7 +31,7 @@ def _train_errors():
 def cmd_train(args: argparse.Namespace) -> int:
     from lipformer.training.distributed import init_from_env
     from lipformer.training.recipe import load_recipe
-    from lipformer.training.train import TrainingStopped, run
+    from lipformer.training.train import Interrupted, TrainingStopped, run
 
     try:
         recipe = load_recipe(args.preset, args.config, args.overrides)
@@ -48,6 +48,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingStopped as exc:
         print(f"lipformer: training stopped: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:  # checkpointed at exc.step; the shell's convention: 128 + signal number
+        print(f"lipformer: {exc}", file=sys.stderr)
+        return 128 + int(exc.signum)
     summary = {k: result[k] for k in ("step", "loss", "val_loss", "val_acc", "lipschitz_total") if k in result}
     print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     if "final" in result:
@@ -60,14 +63,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from lipformer.training.recipe import load_recipe
-    from lipformer.training.train import run
+    from lipformer.training.train import Interrupted, run
 
     try:
         recipe = load_recipe("demo", None, args.overrides)
         print("training the demo preset (Shakespeare, char level; a few minutes on 2 CPU cores)…")
-        result = run(recipe, args.out, resume=True)
+        # a finished run is reused, a checkpointed one continued, anything else started afresh
+        result = run(recipe, args.out, resume=True, overwrite=True)
     except _train_errors() as exc:
         raise UsageError(str(exc)) from exc
+    except Interrupted as exc:
+        print(f"lipformer: {exc} (or run the demo again)", file=sys.stderr)
+        return 128 + int(exc.signum)
     model, tokenizer = _load(result["final"])
     b = model.bounds()
     print(f"val accuracy: {result.get('val_acc', float('nan')):.3f} (val loss {result.get('val_loss', float('nan')):.3f})")
@@ -282,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lipformer: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the train loop (which checkpoints first): nothing half-written
+        if debug:
+            raise
+        print("lipformer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
