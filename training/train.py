@@ -99,7 +99,9 @@ def open_data(run: RunConfig, cache_dir=None):
         tokenizer, vocab = D.char_tokenizer_from_meta(meta), int(meta["vocab_size"])
     elif d.dataset == "shards":
         if d.path is None:
-            raise RecipeError("data.dataset='shards' needs data.path=GLOB of *_train_*.bin shards")
+            raise RecipeError("data.dataset='shards' needs data.path=GLOB of *_train_*.bin shards: make them with "
+                              "`lipformer prepare TEXT_FILES_OR_FOLDERS --out data/mine`, then pass "
+                              "data.path='data/mine/*_train_*.bin' (FineWeb shards from llm.c work as they are)")
         train_src = d.path
         val_src = d.val_path or d.path.replace("_train_", "_val_")
         tokenizer, vocab = D.gpt2_hf_tokenizer(cache_dir), int(run.model.get("vocab_size", 50304))
