@@ -342,5 +342,5 @@ def _finish(out: Path, model, tokenizer, val_data, t) -> dict:
     (tmp / "certified_accuracy.json").write_text(json.dumps(cert, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    plot_metrics(out / "metrics.jsonl", out / "metrics.png", certified=cert)
     return {"final": str(final), **cert}
