@@ -355,8 +355,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     if not args.prompt:  # checked before the (slow) model load
         raise UsageError("--prompt is empty; give the text to continue, e.g. --prompt 'ROMEO:'")
     if args.max_new_tokens < 1:
@@ -365,6 +363,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--temperature must be a finite number >= 0 (0 means greedy)")
     if args.seed < 0:
         raise UsageError("--seed must be >= 0")
+    import torch
+
     model, tokenizer = _load(args.model_dir)
     ids = torch.tensor([_encode(tokenizer, args.prompt)])
     context = model.config.max_position_embeddings
@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if not getattr(args, "func", None):
             raise UsageError("missing command; try `lipformer demo` or `lipformer --help`")
+        if getattr(args, "model_dir", None):  # before any command imports torch: answered at once
+            _check_not_a_run_folder(args.model_dir)
         return args.func(args)
     except UsageError as exc:
         if debug:

@@ -202,7 +202,7 @@ def test_gpu_sized_recipe_on_cpu_warns_with_the_measured_step_time(tmp_path):
     _warn_if_slow_on_cpu(model, torch.device("cpu"), 10_000_000, said.append, measured=380.0, remaining=6199)
     _warn_if_slow_on_cpu(model, torch.device("cpu"), 1000, said.append)  # a small run: nothing
     _warn_if_slow_on_cpu(model, torch.device("cuda"), 10_000_000, said.append)  # on a GPU: nothing
-    assert len(said) == 2 and "no GPU" in said[0] and "step 1 took 380 s" in said[1] and "654.5 h" in said[1]
+    assert len(said) == 2 and "no GPU" in said[0] and "step 1 took 380 s" in said[1] and "654.3 h" in said[1]
 
 
 def test_metrics_plot_has_units_a_title_a_certificate_panel_and_a_fixed_accuracy_axis():
