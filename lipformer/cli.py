@@ -222,14 +222,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print("lipformer: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
     train = [p for p in shards if "_train_" in p.name]
+    pattern = os.path.join(args.out, shards[0].name.split("_val_")[0] + "_train_*.bin")
     print(f"{len(shards)} shards in {args.out}: {shards[0].name} (val) and {len(train)} train shards; train with\n"
-          f"  lipformer train --preset gpt2-small --out runs/gpt2 data.path='{os.path.join(args.out, shards[0].name.split('_val_')[0])}_train_*.bin'")
+          f"  lipformer train --preset gpt2-small --out runs/gpt2 data.path='{pattern}'")
     return 0
 
 
 def _load(folder: str):
     """(model, tokenizer or None) from a saved folder, or a UsageError naming the problem."""
-    _check_not_a_run_folder(folder)  # before the imports: this mistake is answered at once
     import transformers
 
     from .modeling import LipformerForCausalLM, check_model_folder
