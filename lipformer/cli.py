@@ -90,22 +90,6 @@ def _command() -> str:
     return f"{sys.executable} -m lipformer.cli"
 
 
-def _bigram_reference(recipe) -> float | None:
-    """The val accuracy of a most-frequent-next-character table from the train split (char corpora)."""
-    import numpy as np
-
-    from lipformer.training import data as D
-    from lipformer.training.evaluation import bigram_accuracy
-
-    d = recipe.data
-    if d.dataset not in ("shakespeare_char", "char_dir"):
-        return None
-    meta = D.prepare_shakespeare() if d.path is None else D.load_char_meta(d.path)
-    folder = meta.get("dir", d.path)
-    ids = [np.fromfile(os.path.join(folder, f"{split}.bin"), dtype="<u2") for split in ("train", "val")]
-    return bigram_accuracy(*ids)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Prepare Shakespeare, train the `demo` preset on CPU, certify, generate a sample."""
     import torch
@@ -122,7 +106,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "(a few minutes on 2 cores; Ctrl-C saves it, and running the demo again continues)")
         # a finished run is reused, a checkpointed one continued, anything else started afresh
         result = run(recipe, args.out, resume=True, overwrite=True)
-        reference = _bigram_reference(recipe)
     except _train_errors() as exc:
         raise UsageError(str(exc)) from exc
     except Interrupted as exc:
@@ -135,8 +118,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if "val_acc" in result:
         print(f"  val accuracy {result['val_acc']:.3f} (val loss {result['val_loss']:.3f}): the share of held-out "
               "characters the model predicts right from the text before them")
-    if reference is not None:
-        print(f"  bigram reference {reference:.3f}: a table of the most frequent next character after each "
+    if "bigram_accuracy" in result:
+        print(f"  bigram reference {result['bigram_accuracy']:.3f}: a table of the most frequent next character after each "
               "character (counted on the train split) scores this on the val text; the model's lead over it "
               "is what it learned from longer context")
     print(f"  ε: a perturbation size, the RMS of the change to one position's input embedding (the largest over "

@@ -218,3 +218,9 @@ def test_metrics_plot_has_units_a_title_a_certificate_panel_and_a_fixed_accuracy
     assert "Lipschitz" in cert.get_ylabel() and len(cert.lines[0].get_xdata()) == 4
     labels = [t.get_text() for t in acc.get_legend().get_texts()]
     assert any("certified accuracy, ε=0.001" in t for t in labels)
+
+
+def test_bigram_reference_is_the_most_frequent_next_token_table():
+    from lipformer.training.evaluation import bigram_accuracy
+    train = np.array([0, 1, 0, 1, 0, 1, 1, 0])  # 0→1 three times; 1→0 three times, 1→1 once
+    assert bigram_accuracy(train, np.array([0, 1, 1, 0])) == pytest.approx(2 / 3)  # 0→1 ✓, 1→1 ✗, 1→0 ✓

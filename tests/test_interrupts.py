@@ -163,6 +163,8 @@ def test_demo_twice_reuses_the_run_and_never_prints_nan(corpus, tmp_path, capsys
         outputs.append(capsys.readouterr().out)
     for text in outputs:
         assert "nan" not in text.lower()
-    accuracy = [[ln for ln in text.splitlines() if ln.startswith("val accuracy")] for text in outputs]
+    accuracy = [[ln for ln in text.splitlines() if ln.strip().startswith("val accuracy")] for text in outputs]
     assert accuracy[0] and accuracy[0] == accuracy[1]
     assert "already finished" in outputs[1]
+    reference = next(ln for ln in outputs[0].splitlines() if "bigram reference" in ln)
+    assert 0 < float(reference.split()[2].rstrip(":")) < 1

@@ -285,7 +285,7 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         # certified accuracy on the global val batch (rank 0's rows alone would be a subset)
         final_val = val_data if par.world == 1 else D.TokenDataset(
             val_data.files, t.batch_size * par.world, val_data.seq_len, seed=val_data.seed, shuffle=val_data.shuffle)
-        result.update(_finish(out, plain, tokenizer, final_val, t))
+        result.update(_finish(out, plain, tokenizer, final_val, t, reference=_bigram_reference(train_data, val_data, vocab)))
     if par.world > 1:  # rank 0's result on every rank, once its files are written
         result = on_main(lambda: result)
     return result
@@ -331,7 +331,20 @@ def _warn_if_slow_on_cpu(model, device, tokens_per_step: int, log, measured: flo
             f"about {measured * remaining / 3600:.1f} h")
 
 
-def _finish(out: Path, model, tokenizer, val_data, t) -> dict:
+def _bigram_reference(train_data, val_data, vocab: int) -> float | None:
+    """Val accuracy of the most-frequent-next-token table counted on train, the score a model reading
+    just the previous token gets (char vocabularies only: the table is vocab × vocab)."""
+    import numpy as np
+
+    from .evaluation import bigram_accuracy
+
+    if vocab > 1024:
+        return None
+    train, val = ([np.asarray(D.load_tokens(f)) for f in ds.files] for ds in (train_data, val_data))
+    return bigram_accuracy(np.concatenate(train), np.concatenate(val))
+
+
+def _finish(out: Path, model, tokenizer, val_data, t, reference: float | None = None) -> dict:
     """OUT/final: model, tokenizer, certificate, certified accuracy; and the metrics plot."""
     final = out / "final"
     tmp = out / ".final-tmp"
@@ -339,6 +352,8 @@ def _finish(out: Path, model, tokenizer, val_data, t) -> dict:
     model.eval().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     cert = certified_accuracy(model, val_data, t.certify_radii, batches=max(1, min(t.eval_batches, 4)))
+    if reference is not None:
+        cert["bigram_accuracy"] = reference
     (tmp / "certified_accuracy.json").write_text(json.dumps(cert, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
