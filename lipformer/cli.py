@@ -135,7 +135,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{worst.factor / worst.w_max:.4f}, {worst.name}); `certify` lists sigma_upper = the ℓ2 spectral norm "
           "and factor = √(d_in/d_out)·sigma_upper, the RMS→RMS norm that w_max caps, so sigma_upper may exceed "
           "w_max on non-square weights")
-    prompt = "ROMEO:"
+    vocab = tokenizer.get_vocab()  # a corpus of your own (data.path=...) may have no "ROMEO:"
+    prompt = "ROMEO:" if all(c in vocab for c in "ROMEO:") else next(
+        t for t in sorted(vocab, key=vocab.get) if len(t) == 1 and t.isprintable() and not t.isspace())
     ids = _encode(tokenizer, prompt)
     certs = certify.certify_tokens(model64, ids, b)
     attack = certify.attack(model64, ids, certs)
@@ -147,7 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     new = _sample(model, torch.tensor([ids]), 200, 0.8, 0)
     print("\nsample (200 characters, temperature 0.8):\n" + prompt + tokenizer.decode(new[0].tolist()))
     cmd = _command()
-    print(f"\nnext: {cmd} certify {result['final']} --text 'ROMEO:' --attack    (per-character radii)\n"
+    print(f"\nnext: {cmd} certify {result['final']} --text {prompt!r} --attack    (per-character radii)\n"
           f"      {cmd} generate {result['final']} --prompt 'JULIET:'\n"
           f"      {cmd} --help")
     return 0
