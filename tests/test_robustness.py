@@ -150,7 +150,7 @@ def test_long_input_is_certified_whole_and_generate_keeps_the_prompt(saved, caps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "{m}", "--prompt", ""], "text is empty"),
+    (["generate", "{m}", "--prompt", ""], "--prompt is empty"),
     (["generate", "{m}", "--prompt", "Zq~"], "outside the model's vocabulary"),
     (["generate", "{m}", "--prompt", "Fi", "--temperature", "-1"], "--temperature"),
     (["generate", "{m}", "--prompt", "Fi", "--temperature", "nan"], "--temperature"),

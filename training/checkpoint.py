@@ -64,6 +64,26 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl (a torn last line, from a kill mid-write, is skipped)."""
+    rows = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to `step` (a resumed run redoes the later steps), atomically."""
+    if not path.is_file():
+        return
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def prepare_output(out: Path, run: RunConfig, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: an existing folder needs --resume (same recipe) or --overwrite."""
     recipe = run.to_dict()

@@ -50,6 +50,10 @@ class Parallel:
         """The global batch's value, the same on every rank (so all stop together)."""
         return dist_utils.all_reduce([value])[0] if self.world > 1 else value
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on some rank (e.g. a signal that reached one rank)."""
+        return dist_utils.all_reduce([float(flag)], op="max")[0] > 0 if self.world > 1 else flag
+
     def reduce_eval(self, record: dict) -> None:
         if self.world > 1:  # over the whole global val batch, as one process would see it
             dist_utils.reduce_eval(record)

@@ -16,10 +16,13 @@ certified accuracy), `checkpoint` (the run folder on disk), `parallel` (single /
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from lipformer.optim import build_optimizer
 from lipformer.poet import merge_all
 
 from . import data as D
-from .checkpoint import STATE_NAME, find_checkpoint, prepare_output, save_checkpoint
+from .checkpoint import STATE_NAME, find_checkpoint, prepare_output, read_metrics, save_checkpoint, trim_metrics
 from .distributed import info as _dist_info
 from .distributed import on_main
 from .evaluation import autocast, certified_accuracy, evaluate
@@ -42,11 +45,42 @@ from .parallel import Parallel
 from .plots import plot_metrics
 from .recipe import RecipeError, RunConfig
 
-__all__ = ["run", "train_step", "open_data", "lr_lambda", "find_checkpoint", "TrainingStopped"]
+__all__ = ["run", "train_step", "open_data", "lr_lambda", "find_checkpoint", "TrainingStopped", "Interrupted"]
 
 
 class TrainingStopped(RuntimeError):
     """Training could not go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run was checkpointed at `step` and continues with --resume."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"interrupted at step {step}; continue with --resume")
+        self.step, self.signum = step, signum
+
+
+@contextlib.contextmanager
+def _signals_to_flag():
+    """While training, the first SIGINT/SIGTERM only sets a flag: the loop finishes the current step,
+    checkpoints it and raises `Interrupted` (a step cut in half cannot be resumed bit-identically).
+    A second signal interrupts at once; the previous checkpoint is intact since saves are atomic."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def open_data(run: RunConfig, cache_dir=None):
@@ -65,7 +99,9 @@ def open_data(run: RunConfig, cache_dir=None):
         tokenizer, vocab = D.char_tokenizer_from_meta(meta), int(meta["vocab_size"])
     elif d.dataset == "shards":
         if d.path is None:
-            raise RecipeError("data.dataset='shards' needs data.path=GLOB of *_train_*.bin shards")
+            raise RecipeError("data.dataset='shards' needs data.path=GLOB of *_train_*.bin shards: make them with "
+                              "`lipformer prepare TEXT_FILES_OR_FOLDERS --out data/mine`, then pass "
+                              "data.path='data/mine/*_train_*.bin' (FineWeb shards from llm.c work as they are)")
         train_src = d.path
         val_src = d.val_path or d.path.replace("_train_", "_val_")
         tokenizer, vocab = D.gpt2_hf_tokenizer(cache_dir), int(run.model.get("vocab_size", 50304))
@@ -148,13 +184,21 @@ def eval_record(par: Parallel, val_data, t) -> dict:
 
 def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
         max_steps: int | None = None, progress: bool = True, cache_dir=None, log=print) -> dict:
-    """Train, checkpoint and certify. `max_steps` stops early (the schedule still uses train.max_steps)."""
+    """Train, checkpoint and certify. `max_steps` stops early (the schedule still uses train.max_steps).
+
+    `resume` continues from OUT's checkpoint and refuses when there is none, unless `overwrite` is
+    also given (then a run with no checkpoint starts afresh). A run that already reached
+    train.max_steps is not trained again: its recorded result is returned.
+    SIGINT/SIGTERM checkpoint the last finished step and raise `Interrupted`.
+    """
     out = Path(out)
     t = run.train
     transformers.utils.logging.disable_progress_bar()  # per-shard save/load bars would drown the log
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     lr_lambda(t)  # validates the schedule before any work
     autocast(t.dtype, device)
+    checkpoint = find_checkpoint(out) if resume else None
+    state = _check_resume(out, checkpoint, resume, overwrite, max_steps, t)
     train_data, val_data, tokenizer, vocab = open_data(run, cache_dir)
     try:
         config = LipformerConfig(**{**run.model, "vocab_size": vocab})
@@ -162,25 +206,33 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         raise RecipeError(f"invalid [model]: {str(exc).strip().splitlines()[-1].strip()}") from exc
     # only now, with the recipe and data known good, touch the output folder (rank 0; the others
     # wait, and raise its error, so no rank reads the folder before it is ready)
-    on_main(prepare_output, out, run, resume, overwrite)
+    on_main(prepare_output, out, run, checkpoint is not None, overwrite and checkpoint is None)
+    start = state["step"] if state is not None else 0
+    finished = out / "final" / "certified_accuracy.json"
+    if start == t.max_steps and finished.is_file():
+        last = read_metrics(out / "metrics.jsonl")
+        log(f"the run in {out} already finished at step {start}; its final model is {out / 'final'}")
+        return {**(last[-1] if last else {"step": start}), "final": str(out / "final"),
+                **json.loads(finished.read_text())}
+    if _dist_info()[0] == 0:
+        # rows past the checkpoint belong to steps about to be redone: drop them, so the curve
+        # never goes back in time
+        trim_metrics(out / "metrics.jsonl", start)
 
     torch.manual_seed(t.seed)
-    checkpoint = find_checkpoint(out) if resume else None
     model = LipformerForCausalLM.from_pretrained(checkpoint) if checkpoint is not None else LipformerForCausalLM(config)
     model.to(device).train()
     par = Parallel.for_run(model, t.parallel, device, compile=t.compile)
     optimizer, scheduler = build_optimizer_for(model, t)
     project = SpectralProjection(model, optimizer)
-    start = 0
-    if checkpoint is not None:
-        state = torch.load(checkpoint / STATE_NAME, weights_only=True)  # tensors and numbers only: no pickle code
+    if state is not None:
         par.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         train_data.load_state_dict(state["data"])
         torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
         if par.main:
             log(f"resumed from {checkpoint} at step {start}")
+    del state
 
     def save(step: int):
         """Rank 0 writes OUT/checkpoint; returns the plain model it saved (None on other ranks)."""
@@ -190,45 +242,109 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         return plain
 
     stop = min(t.max_steps, max_steps) if max_steps is not None else t.max_steps
-    metrics = open(out / "metrics.jsonl", "a") if par.main else None
+    tokens_per_step = t.batch_size * t.grad_accum * par.world * config.max_position_embeddings
+    if par.main:
+        _warn_if_slow_on_cpu(model, device, tokens_per_step, log)
+    last = (read_metrics(out / "metrics.jsonl") or [{}])[-1] if par.main else {}
     steps = range(start, stop)
     if progress and par.main:
         from tqdm import tqdm
         steps = tqdm(steps, initial=start, total=stop, desc="train", unit="step")
-    tokens_per_step = t.batch_size * t.grad_accum * par.world * config.max_position_embeddings
-    last = {}
     t0 = time.time()
-    for step in steps:
-        loss = train_step(par, train_data, optimizer, scheduler, project, t, step, out)
-        done = step + 1
-        record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                  "tokens": done * tokens_per_step, "elapsed": time.time() - t0}
-        if t.eval_every and (done % t.eval_every == 0 or done == stop):
-            record.update(eval_record(par, val_data, t))
-        if par.main and (done % t.log_every == 0 or "val_loss" in record or done == stop):
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if progress and hasattr(steps, "set_postfix"):
-                steps.set_postfix(loss=f"{loss:.3f}", **({"val_acc": f"{record['val_acc']:.3f}"}
-                                                         if "val_acc" in record else {}))
-        last = record
-        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < stop:
-            save(done)
-    plain = save(stop)
-    if par.main:
-        metrics.close()
+    with _signals_to_flag() as signals, (open(out / "metrics.jsonl", "a") if par.main
+                                         else contextlib.nullcontext()) as metrics:
+        for step in steps:
+            if par.any(bool(signals)):  # every rank stops at the same step
+                if step > start or checkpoint is None:
+                    save(step)
+                if hasattr(steps, "close"):
+                    steps.close()
+                raise Interrupted(step, signals[0] if signals else signal.SIGTERM)
+            loss = train_step(par, train_data, optimizer, scheduler, project, t, step, out)
+            done = step + 1
+            record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                      "tokens": done * tokens_per_step, "elapsed": time.time() - t0}
+            if step == start and par.main:
+                _warn_if_slow_on_cpu(model, device, tokens_per_step, log, measured=time.time() - t0,
+                                     remaining=stop - done)
+            if t.eval_every and (done % t.eval_every == 0 or done == stop):
+                record.update(eval_record(par, val_data, t))
+            if par.main and (done % t.log_every == 0 or "val_loss" in record or done == stop):
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if progress and hasattr(steps, "set_postfix"):
+                    steps.set_postfix(loss=f"{loss:.3f}", **({"val_acc": f"{record['val_acc']:.3f}"}
+                                                             if "val_acc" in record else {}))
+            last = record
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < stop:
+                save(done)
+        # nothing trained (resumed at the end): the checkpoint already holds these weights
+        plain = save(stop) if stop > start else par.full_model()
     result = dict(last)
     if par.main and stop == t.max_steps:
         # certified accuracy on the global val batch (rank 0's rows alone would be a subset)
         final_val = val_data if par.world == 1 else D.TokenDataset(
             val_data.files, t.batch_size * par.world, val_data.seq_len, seed=val_data.seed, shuffle=val_data.shuffle)
-        result.update(_finish(out, plain, tokenizer, final_val, t))
+        result.update(_finish(out, plain, tokenizer, final_val, t, reference=_bigram_reference(train_data, val_data, vocab)))
     if par.world > 1:  # rank 0's result on every rank, once its files are written
         result = on_main(lambda: result)
     return result
 
 
-def _finish(out: Path, model, tokenizer, val_data, t) -> dict:
+def _check_resume(out: Path, checkpoint, resume: bool, overwrite: bool, max_steps, t) -> dict | None:
+    """The checkpoint's trainer state, after refusing what would corrupt the run (nothing is touched yet)."""
+    if resume and checkpoint is None:
+        if overwrite:
+            return None  # --resume --overwrite: continue if there is a checkpoint, else start afresh
+        where = "does not exist" if not out.exists() else "has no checkpoint"
+        raise RecipeError(f"--resume: {out} {where}; start the run without --resume "
+                          "(add --overwrite to replace what is in the folder)")
+    if checkpoint is None:
+        return None
+    state = torch.load(checkpoint / STATE_NAME, weights_only=True)  # tensors and numbers only: no pickle code
+    step = int(state["step"])
+    if step > t.max_steps:
+        raise RecipeError(f"--resume: the checkpoint in {out} is at step {step}, past train.max_steps "
+                          f"{t.max_steps}; resume with train.max_steps={step} or more")
+    if max_steps is not None and max_steps <= step and step < t.max_steps:
+        raise RecipeError(f"--max-steps {max_steps} is not past the checkpoint's step {step}; "
+                          f"pass a larger --max-steps (the run ends at {t.max_steps}) or leave it out")
+    return state
+
+
+# 6·params·tokens FLOPs per step above this, on CPU, is a GPU-sized run (demo: ~1e10; gpt2-small: ~1e14)
+_CPU_FLOPS_WARNING = 1e12
+
+
+def _warn_if_slow_on_cpu(model, device, tokens_per_step: int, log, measured: float | None = None,
+                         remaining: int = 0) -> None:
+    if device.type != "cpu":
+        return
+    flops = 6 * sum(p.numel() for p in model.parameters()) * tokens_per_step
+    if flops < _CPU_FLOPS_WARNING:
+        return
+    if measured is None:
+        log(f"warning: no GPU found; this recipe needs ~{flops:.1e} FLOPs per step, which takes minutes "
+            "per step on a CPU (it is sized for GPUs: run it under torchrun on CUDA machines)")
+    else:
+        log(f"warning: step 1 took {measured:.0f} s on the CPU; the remaining {remaining} steps would take "
+            f"about {measured * remaining / 3600:.1f} h")
+
+
+def _bigram_reference(train_data, val_data, vocab: int) -> float | None:
+    """Val accuracy of the most-frequent-next-token table counted on train, the score a model reading
+    just the previous token gets (char vocabularies only: the table is vocab × vocab)."""
+    import numpy as np
+
+    from .evaluation import bigram_accuracy
+
+    if vocab > 1024:
+        return None
+    train, val = ([np.asarray(D.load_tokens(f)) for f in ds.files] for ds in (train_data, val_data))
+    return bigram_accuracy(np.concatenate(train), np.concatenate(val))
+
+
+def _finish(out: Path, model, tokenizer, val_data, t, reference: float | None = None) -> dict:
     """OUT/final: model, tokenizer, certificate, certified accuracy; and the metrics plot."""
     final = out / "final"
     tmp = out / ".final-tmp"
@@ -236,8 +352,10 @@ def _finish(out: Path, model, tokenizer, val_data, t) -> dict:
     model.eval().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     cert = certified_accuracy(model, val_data, t.certify_radii, batches=max(1, min(t.eval_batches, 4)))
+    if reference is not None:
+        cert["bigram_accuracy"] = reference
     (tmp / "certified_accuracy.json").write_text(json.dumps(cert, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    plot_metrics(out / "metrics.jsonl", out / "metrics.png", certified=cert)
     return {"final": str(final), **cert}

