@@ -20,6 +20,7 @@ from torch import Tensor
 from . import nn as lnn
 from . import spectral
 from .local_bounds import ROUND_UP, U
+from .margins import head_margins, radii_from_hidden, require_float64
 
 
 @dataclass
@@ -99,11 +100,12 @@ def local_radii(model, ids, bounds=None, *, attention_mask: Tensor | None = None
     passed (0 when none did), within a factor 1 + tolerance of the largest that would pass, unless
     `max_trials` trial values ran out first.
     """
-    from .certify import head_margins, radii_from_hidden, require_float64
-
     require_float64(model)
-    bounds = bounds or model.bounds()
     ids = torch.as_tensor(ids).reshape(1, -1)
+    bounds = bounds or model.bounds(positions=ids.size(1))
+    if bounds.positions < ids.size(1):
+        raise ValueError(f"the bounds cover {bounds.positions} positions, the text has {ids.size(1)}: "
+                         "pass model.bounds(positions=len(ids))")
     with lnn.memoized_sigmas():
         clean = clean_pass(model, ids, attention_mask)
         pred, margin, distance = head_margins(clean.hidden, model.head.weight)

@@ -81,7 +81,7 @@ def test_certify_table_shows_whitespace_tokens(trained, capsys):
     rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln[:6].strip().isdigit()]
     tokens = [r[1] for r in rows]
     assert tokens == ["R", "O", "M", "E", "O", ":", "\\n", "B", "u", "t", "␣", "s", "o", "f", "t"]
-    assert all(len(r) == 5 for r in rows)  # no blank cell shifts a column
+    assert all(len(r) == 7 for r in rows)  # index token prediction margin radius local global: no blank cell
 
 
 def test_train_prints_certified_accuracy_as_a_sentence(trained, tmp_path, capsys):
