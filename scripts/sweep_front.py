@@ -149,13 +149,14 @@ def report(out: Path) -> None:
         ax.axvline(100 * acc, color="grey", ls="--", lw=0.8)
         ax.axhline(100 * acc, color="grey", ls=":", lw=0.8)
         ax.text(100 * acc, 1, label, rotation=90, fontsize=7, color="grey", va="bottom", ha="right")
-    for r in rows:
+    for i, r in enumerate(rows):
         x, y = 100 * r["val_acc"], 100 * r["certified"]["0.01"]
         margin = "margin" in r["name"]
         ax.scatter(x, y, marker="D" if margin else "o", color="C3" if margin else "C0")
-        ax.annotate(f"{r['name']} (L {r['sound_L']:.2g})", (x, y), fontsize=7, xytext=(3, 3),
+        ax.annotate(f"{r['name']} (L {r['sound_L']:.2g})", (x, y), fontsize=7, xytext=(3, 3 + 9 * (i % 3)),
                     textcoords="offset points")
-    ax.plot([0, 100], [0, 100], color="k", lw=0.5)
+    ax.plot([0, 100], [0, 100], color="k", lw=0.5, label="certified = accuracy")
+    ax.legend(loc="upper left", fontsize=7)
     ax.set_xlim(10, 60)
     ax.set_ylim(-1, 50)
     ax.set_xlabel("val accuracy (%)")
