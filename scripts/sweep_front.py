@@ -55,6 +55,8 @@ POINTS = {
                              "train.eps=0.001"],
     "caps2-margin1e-2": [f"model.w_max.{k}=2" for k in ("q", "k", "v", "o", "mlp_in", "mlp_out")]
                         + ["train.objective=margin_global", "train.eps=0.01"],
+    "caps1-mit-recipe-margin1e-2": MIT_RECIPE + ["train.objective=margin_global", "train.eps=0.01"],
+    "preset-margin1e-2": ["train.objective=margin_global", "train.eps=0.01"],
     "unconstrained-adamw": ["model.constraint=none", "train.optimizer=adamw", "train.lr=3e-3"],
 }
 
