@@ -13,10 +13,10 @@ Named presets:
 - "modula": the per-step moves of modula's mass allocation as used for the MIT Lipschitz-transformer
   Shakespeare runs (jxbz/modula `CompositeModule.dualize`: a child's target norm is the parent's
   times its share of the mass, divided by the sensitivity of what follows; GPT built with
-  blocks_mass 32, embed and head mass 1, 3 blocks). Measured from that code at lr 1 in the RMS→RMS
-  norm: q, k, v 0.94; attention-out and both MLP matrices 0.31; head and embedding 0.029
-  (../shared/REFERENCES.md, "Their recipe"). The numbers are for 3 blocks; other depths get the
-  same *ratios*, which is what the preset promises.
+  blocks_mass 32, embed and head mass 1, 3 blocks), as worked out from that code in
+  ../shared/REFERENCES.md ("Their recipe"): per unit of lr, in the RMS→RMS norm, q, k, v 0.94;
+  attention-out and both MLP matrices 0.31; head and embedding 0.029. The numbers are for 3 blocks;
+  other depths get the same ratios (a depth-aware version would redo modula's mass arithmetic).
 """
 
 from __future__ import annotations
