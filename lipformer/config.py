@@ -23,7 +23,7 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "max_position_embeddings", "poet_block_size", "poet_neumann_terms")
 _FLOAT_FIELDS = ("rope_theta", "softmax_scale", "residual_alpha", "input_radius")
 _STR_FIELDS = ("constraint", "cap_method", "linear")
-_BOOL_FIELDS = ("use_cache", "tie_word_embeddings")
+_BOOL_FIELDS = ("use_cache", "tie_word_embeddings", "zero_init")
 _OPTIONAL = ("intermediate_size", "residual_alpha", "input_radius")
 
 
@@ -51,6 +51,8 @@ class LipformerConfig(PreTrainedConfig):
         (for "embed": the largest RMS of a token vector). Missing kinds default to 1.
     input_radius: the body projects every incoming token vector onto the RMS ball of this radius
         (default: w_max["embed"], so clean embeddings pass unchanged).
+    zero_init: start the attention output (o), mlp_out and head matrices at zero (modula's init),
+        so every block starts as the identity and the logits at 0; the others stay orthogonal at the cap.
     constraint, cap_method: the projection applied after each optimizer step. cap_method "auto"
         (default) is the exact "eigh" cap on CPU and the matmul-only "polar" cap on GPUs.
     linear: "dense" (capped matrices) or "poet" (W = R W0 P with orthogonal R, P: q/k/v/o and MLP
@@ -77,6 +79,7 @@ class LipformerConfig(PreTrainedConfig):
     linear: str = "dense"
     poet_block_size: int = 256
     poet_neumann_terms: int = 5
+    zero_init: bool = False
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None

@@ -100,6 +100,10 @@ def make_linear(config: LipformerConfig, d_in: int, d_out: int, kind: str) -> Sp
     return dense_linear(config, d_in, d_out, kind)
 
 
+# zero_init=True starts these at 0: each residual branch and the logits begin silent (modula's init)
+ZERO_INIT_KINDS = ("o", "mlp_out", "head")
+
+
 class LipformerPreTrainedModel(PreTrainedModel):
     config_class = LipformerConfig
     base_model_prefix = "model"
@@ -141,7 +145,10 @@ class LipformerPreTrainedModel(PreTrainedModel):
         # transformers 5 calls this for weights it did not load; the guarded `init.*` helpers skip
         # tensors it did load, so from_pretrained never overwrites a checkpoint's weights.
         if isinstance(module, CappedLinear):  # (POET layers init their own W0)
-            init.orthogonal_(module.weight, gain=module.sigma_cap)
+            if self.config.zero_init and module.kind in ZERO_INIT_KINDS:
+                init.zeros_(module.weight)
+            else:
+                init.orthogonal_(module.weight, gain=module.sigma_cap)
         elif isinstance(module, MaxRMSEmbedding):
             fresh = torch.randn_like(module.weight, dtype=torch.float32)
             fresh = fresh * (module.w_max / fresh.pow(2).mean(-1, keepdim=True).sqrt())

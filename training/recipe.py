@@ -37,6 +37,8 @@ class TrainConfig:
     optimizer_args: dict = field(default_factory=dict)  # more constructor options, e.g. {preset = "small_batch"}
     companion: str = "adamw"            # embedding / non-matrix optimizer inside the same object
     companion_lr: float = 3e-3
+    allocation: str = "uniform"         # per-kind step sizes: a preset of lipformer.optim.ALLOCATIONS ("modula", ...)
+    lr_scale: dict = field(default_factory=dict)  # per-kind lr multipliers on top of it, e.g. {q = 0.5, head = 0.03}
     weight_decay: float = 0.0
     batch_size: int = 16                # sequences per micro-batch (per process)
     grad_accum: int = 1
@@ -54,6 +56,8 @@ class TrainConfig:
     parallel: str = "ddp"               # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2-sharded, large models)
     seed: int = 0
     certify_radii: list = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
+    objective: str = "ce"               # "ce" | "margin_global" | "margin_local" (training/objectives.py)
+    eps: float = 0.0                    # training radius ε_train of the margin objectives (max-rms of inputs_embeds)
 
 
 @dataclass
@@ -137,9 +141,37 @@ def _check_train(t: TrainConfig) -> None:
     if t.parallel not in ("ddp", "fsdp"):
         raise RecipeError(f"[train] parallel must be ddp or fsdp, got {t.parallel!r}")
     _check_optimizer_args(t)
+    _check_allocation(t)
+    from .objectives import OBJECTIVES, local_available
+    if t.objective not in OBJECTIVES:
+        raise RecipeError(f"[train] objective must be one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
+    if t.objective == "margin_local" and not local_available():
+        raise RecipeError("[train] objective 'margin_local' needs the local certificate, which this lipformer "
+                          "does not have yet; use train.objective=margin_global")
+    if not t.eps >= 0:
+        raise RecipeError(f"[train] eps must be >= 0, got {t.eps!r}")
     radii = t.certify_radii
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in radii):
         raise RecipeError(f"[train] certify_radii must be a list of positive numbers, got {radii!r}")
+
+
+def allocation_of(t: TrainConfig):
+    """What `build_optimizer(allocation=...)` gets: None (one lr for all) or the kind → scale table."""
+    from lipformer.optim import resolve_allocation
+
+    if t.allocation == "uniform" and not t.lr_scale:
+        return None  # the plain two-group layout, so existing checkpoints' optimizer states still load
+    return {**resolve_allocation(t.allocation), **t.lr_scale}
+
+
+def _check_allocation(t: TrainConfig) -> None:
+    from lipformer.optim import resolve_allocation
+
+    try:
+        resolve_allocation(t.allocation)
+        resolve_allocation(dict(t.lr_scale))
+    except ValueError as exc:
+        raise RecipeError(f"[train] allocation / lr_scale: {exc}") from None
 
 
 # set by the trainer from other [train] keys, so not allowed in optimizer_args
@@ -211,6 +243,11 @@ def load_recipe(preset: str | None = None, config_file: str | None = None,
             if not isinstance(args, dict):
                 raise RecipeError(f"override {item!r}: [train] optimizer_args is {args!r}, not a table")
             args[name[len("optimizer_args."):]] = _parse_value(value)
+        elif section == "train" and name.startswith("lr_scale."):
+            scales = target.setdefault("lr_scale", {})
+            if not isinstance(scales, dict):
+                raise RecipeError(f"override {item!r}: [train] lr_scale is {scales!r}, not a table")
+            scales[name[len("lr_scale."):]] = _parse_value(value)
         elif section == "model" and name.startswith("w_max."):
             number = _parse_value(value)
             if isinstance(number, bool) or not isinstance(number, (int, float)):

@@ -41,9 +41,10 @@ from .checkpoint import STATE_NAME, find_checkpoint, prepare_output, read_metric
 from .distributed import info as _dist_info
 from .distributed import on_main
 from .evaluation import autocast, certified_accuracy, evaluate
+from .objectives import Objective
 from .parallel import Parallel
 from .plots import plot_metrics
-from .recipe import RecipeError, RunConfig
+from .recipe import RecipeError, RunConfig, allocation_of
 
 __all__ = ["run", "train_step", "open_data", "lr_lambda", "find_checkpoint", "TrainingStopped", "Interrupted"]
 
@@ -135,7 +136,8 @@ def build_optimizer_for(model, t):
     extra = {"total_steps": t.max_steps} if t.optimizer in ("lpsgd", "lpsgdm") else {}  # p anneals over the run
     extra.update(t.optimizer_args)
     try:
-        optimizer = build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, **extra,
+        optimizer = build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                                    allocation=allocation_of(t), **extra,
                                     **({} if t.optimizer == "adamw" else {"companion": t.companion,
                                                                           "companion_lr": t.companion_lr}))
     except (TypeError, ValueError) as exc:  # a bad value in optimizer_args (names were checked earlier)
@@ -143,8 +145,11 @@ def build_optimizer_for(model, t):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
 
 
-def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step: int, out: Path) -> float:
+def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step: int, out: Path,
+               objective: Objective | None = None) -> float:
     """One optimizer step over `t.grad_accum` micro-batches, then (POET merge and) the projection.
+
+    `objective` is the training loss (training/objectives.py; None: cross-entropy).
 
     Returns the global batch's mean loss; a non-finite loss stops training before the step.
     """
@@ -154,7 +159,10 @@ def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step
         with par.micro_batch(micro, t.grad_accum):
             with autocast(t.dtype, par.device):
                 logits = par.forward(x, use_cache=False).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            if objective is None:
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            else:
+                loss = objective(par.model, logits, y)
             (loss / t.grad_accum).backward()
         loss_sum += float(loss.detach()) / t.grad_accum
     loss_sum = par.mean(loss_sum)
@@ -225,6 +233,7 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     par = Parallel.for_run(model, t.parallel, device, compile=t.compile)
     optimizer, scheduler = build_optimizer_for(model, t)
     project = SpectralProjection(model, optimizer)
+    objective = None if t.objective == "ce" else Objective(t.objective, t.eps)
     if state is not None:
         par.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -260,7 +269,7 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
                 if hasattr(steps, "close"):
                     steps.close()
                 raise Interrupted(step, signals[0] if signals else signal.SIGTERM)
-            loss = train_step(par, train_data, optimizer, scheduler, project, t, step, out)
+            loss = train_step(par, train_data, optimizer, scheduler, project, t, step, out, objective)
             done = step + 1
             record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "tokens": done * tokens_per_step, "elapsed": time.time() - t0}

@@ -1,0 +1,204 @@
+"""The accuracy–robustness front: train points through the real loop, certify each, plot.
+
+Each point is a set of recipe overrides on a proxy of `shakespeare-char` (d 128, 3 blocks, 4 heads,
+seq 64, batch 32 by default; `--full` uses the preset's own size). Per run it records
+
+    val accuracy (fixed val batches), certified-and-correct accuracy at ε ∈ {1e-3, 1e-2, 3e-2},
+    median certified radius, the sound global L (`model.bounds().total`), and MIT's accounting of
+    the same weights (scripts/mit_accounting.py: NOT SOUND, printed only for comparison),
+
+as one JSON line in OUT/front.jsonl; then writes OUT/front.md (a table) and OUT/front.png
+(accuracy vs certified-and-correct accuracy at ε = 1e-2, with the 1/2/3-character n-gram tables
+of this corpus, 26.3 / 39.5 / 48.6%, as reference lines). Radii are the global certificate's
+(docs/lipschitz.md §6) — the best sound radius in this tree; ε is the max-rms of the
+perturbation of `inputs_embeds` (token vectors have rms ≤ 1).
+
+    python scripts/sweep_front.py --points caps1,preset --steps 300 --out runs/front
+    python scripts/sweep_front.py --bench            # per-step cost of margin_global vs ce
+    python scripts/sweep_front.py --report --out runs/front     # table + plot from front.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mit_accounting import mit_lipschitz  # noqa: E402
+
+EPS = (1e-3, 1e-2, 3e-2)
+NGRAM = {"1-char table": 0.263, "2-char table": 0.395, "3-char table": 0.486}
+PROXY = ["model.hidden_size=128", "model.num_hidden_layers=3", "model.num_attention_heads=4",
+         "model.max_position_embeddings=64", "train.batch_size=32", "train.warmup_steps=20",
+         "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=50"]
+CAPS1 = [f"model.w_max.{k}=1" for k in ("q", "k")]  # the preset's other caps are already 1
+MIT_RECIPE = CAPS1 + ["model.constraint=normalize", "model.zero_init=true", "train.allocation=modula",
+                      "train.lr=9", "train.companion=colnorm", "train.companion_lr=9", "train.schedule=linear",
+                      "train.warmup_steps=0", "train.optimizer_args.momentum=0.9",
+                      "train.optimizer_args.nesterov=false"]
+POINTS = {
+    "preset": [],                                           # q, k caps 0.5: sound L ≈ 1.5
+    "caps1": CAPS1,                                         # MIT's caps-1.0 point: sound L ≈ 5
+    "caps1-mit-recipe": MIT_RECIPE,                         # + modula allocation, zero init, lr 9, normalize
+    "caps2": [f"model.w_max.{k}=2" for k in ("q", "k", "v", "o", "mlp_in", "mlp_out")],
+    "c8-mlpin4": ["model.softmax_scale=8", "model.w_max.mlp_in=4"],
+    "c20-vo4": ["model.softmax_scale=20", "model.w_max.v=4", "model.w_max.o=4"],
+    "c4-alpha0.5": CAPS1 + ["model.softmax_scale=4", "model.residual_alpha=0.5"],
+    "caps1-margin1e-2": CAPS1 + ["train.objective=margin_global", "train.eps=0.01"],
+    "caps1-margin3e-2": CAPS1 + ["train.objective=margin_global", "train.eps=0.03"],
+    "c8-mlpin4-margin1e-3": ["model.softmax_scale=8", "model.w_max.mlp_in=4", "train.objective=margin_global",
+                             "train.eps=0.001"],
+    "caps2-margin1e-2": [f"model.w_max.{k}=2" for k in ("q", "k", "v", "o", "mlp_in", "mlp_out")]
+                        + ["train.objective=margin_global", "train.eps=0.01"],
+    "caps1-mit-recipe-margin1e-2": MIT_RECIPE + ["train.objective=margin_global", "train.eps=0.01"],
+    "preset-margin1e-2": ["train.objective=margin_global", "train.eps=0.01"],
+    "unconstrained-adamw": ["model.constraint=none", "train.optimizer=adamw", "train.lr=3e-3"],
+}
+
+
+@torch.no_grad()
+def certify_model(model, val, batches: int) -> dict:
+    """Accuracy, certified-and-correct fractions at EPS and the median radius on fixed val batches."""
+    from lipformer import certify
+
+    m64 = certify.float64_copy(model).cpu()
+    bounds = m64.bounds()
+    state = val.state_dict()
+    val.reset()
+    correct, radii = [], []
+    for _ in range(batches):
+        x, y = val.next_batch()
+        hidden = m64.model(x, use_cache=False).last_hidden_state
+        pred, _, radius = certify.radii_from_hidden(hidden, m64.head.weight, bounds)
+        correct.append(pred == y.reshape(-1))
+        radii.append(radius)
+    val.load_state_dict(state)
+    ok, r = torch.cat(correct), torch.cat(radii)
+    return {"val_acc": float(ok.double().mean()), "positions": ok.numel(),
+            "certified": {f"{e:g}": float((ok & (r >= e)).double().mean()) for e in EPS},
+            "median_radius": float(r.median()), "sound_L": bounds.total, "sound_L_body": bounds.body,
+            "mit_L_NOT_SOUND": mit_lipschitz(m64)}
+
+
+def train_point(name: str, steps: int, out: Path, full: bool, batches: int) -> dict:
+    from lipformer import LipformerForCausalLM
+    from lipformer.training.recipe import load_recipe
+    from lipformer.training.train import open_data, run
+
+    overrides = ([] if full else PROXY) + [f"train.max_steps={steps}"] + POINTS[name]
+    recipe = load_recipe(preset="shakespeare-char", overrides=overrides)
+    recipe.train.certify_radii = list(EPS)
+    t0 = time.time()
+    run(recipe, out / name, overwrite=True, progress=False, log=lambda *_: None)
+    seconds = time.time() - t0
+    model = LipformerForCausalLM.from_pretrained(out / name / "final")
+    _, val, _, _ = open_data(recipe)
+    return {"name": name, "overrides": POINTS[name], "steps": steps, "full_size": full,
+            "seconds_per_step": seconds / steps, **certify_model(model, val, batches)}
+
+
+def bench(steps: int = 10) -> dict:
+    """Seconds per train step, ce vs margin_global, on the proxy, interleaved in one process."""
+    from lipformer import LipformerConfig, LipformerForCausalLM
+    from lipformer.constraints import SpectralProjection
+    from lipformer.training.objectives import Objective
+    from lipformer.training.parallel import Parallel
+    from lipformer.training.recipe import load_recipe
+    from lipformer.training.train import build_optimizer_for, open_data, train_step
+
+    recipe = load_recipe(preset="shakespeare-char", overrides=PROXY + CAPS1)
+    train, _, _, vocab = open_data(recipe)
+    times = {"ce": [], "margin_global": []}
+    torch.manual_seed(0)
+    model = LipformerForCausalLM(LipformerConfig(**{**recipe.model, "vocab_size": vocab}))
+    par = Parallel.for_run(model, "ddp", torch.device("cpu"))
+    opt, sched = build_optimizer_for(model, recipe.train)
+    project = SpectralProjection(model, opt)
+    objectives = {"ce": None, "margin_global": Objective("margin_global", 0.01)}
+    for i in range(2 * steps + 2):
+        name = "ce" if i % 2 == 0 else "margin_global"
+        t0 = time.perf_counter()
+        train_step(par, train, opt, sched, project, recipe.train, i, Path("."), objectives[name])
+        if i >= 2:  # the first two warm up (and cold-start the power iteration)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"seconds_per_step_median": med, "ratio_margin_over_ce": med["margin_global"] / med["ce"],
+            "steps_each": steps, "threads": torch.get_num_threads()}
+
+
+def report(out: Path) -> None:
+    rows = [json.loads(line) for line in (out / "front.jsonl").read_text().splitlines() if line.strip()]
+    lines = ["| point | steps | val acc | cert@1e-3 | cert@1e-2 | cert@3e-2 | median radius | sound L | "
+             "MIT L (NOT SOUND) | s/step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r["certified"]
+        lines.append(f"| {r['name']} | {r['steps']} | {100 * r['val_acc']:.1f}% | {100 * c['0.001']:.1f}% | "
+                     f"{100 * c['0.01']:.1f}% | {100 * c['0.03']:.1f}% | {r['median_radius']:.2g} | "
+                     f"{r['sound_L']:.3g} | {r['mit_L_NOT_SOUND']:.3g} | {r['seconds_per_step']:.2f} |")
+    (out / "front.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for label, acc in NGRAM.items():
+        ax.axvline(100 * acc, color="grey", ls="--", lw=0.8)
+        ax.axhline(100 * acc, color="grey", ls=":", lw=0.8)
+        ax.text(100 * acc, 1, label, rotation=90, fontsize=7, color="grey", va="bottom", ha="right")
+    for i, r in enumerate(rows):
+        x, y = 100 * r["val_acc"], 100 * r["certified"]["0.01"]
+        margin = "margin" in r["name"]
+        ax.scatter(x, y, marker="D" if margin else "o", color="C3" if margin else "C0")
+        ax.annotate(f"{r['name']} (L {r['sound_L']:.2g})", (x, y), fontsize=7, xytext=(3, 3 + 9 * (i % 3)),
+                    textcoords="offset points")
+    ax.plot([0, 100], [0, 100], color="k", lw=0.5, label="certified = accuracy")
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_xlim(10, 60)
+    ax.set_ylim(-1, 50)
+    ax.set_xlabel("val accuracy (%)")
+    ax.set_ylabel("certified-and-correct at ε = 1e-2 (%)")
+    ax.set_title("accuracy vs certified accuracy (global certificate); ◆ = margin objective")
+    fig.tight_layout()
+    fig.savefig(out / "front.png", dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", default=",".join(POINTS), help=f"comma list from: {', '.join(POINTS)}")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", default="runs/front")
+    p.add_argument("--full", action="store_true", help="the preset's full size instead of the d 128 proxy")
+    p.add_argument("--batches", type=int, default=8, help="val batches for accuracy and certificates")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--report", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    if a.bench:
+        print(json.dumps(bench()))
+        return 0
+    if a.report:
+        report(out)
+        return 0
+    unknown = [n for n in a.points.split(",") if n not in POINTS]
+    if unknown:
+        print(f"unknown points {unknown}; choose from {', '.join(POINTS)}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for name in a.points.split(","):
+        row = train_point(name, a.steps, out, a.full, a.batches)
+        print(json.dumps(row), flush=True)
+        with open(out / "front.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Training objectives: cross-entropy, and the certified-margin ("bottom logit") losses.
+
+    ce             F.cross_entropy(z, y) — the plain language-model loss.
+    margin_global  GloRo-style: every competing logit z_j (j ≠ y) is raised by the most a
+                   perturbation of radius ε_train could raise it relative to z_y under the *global*
+                   certificate, and cross-entropy is taken on those "bottom" logits:
+                       z̃_j = z_j + ‖w_y − w_j‖₂ · e,   e = √d · L_body · ε_train,   z̃_y = z_y.
+                   z̃ is exactly the quantity the certificate checks (docs/lipschitz.md §6: position
+                   t is certified at ε iff z_y − z_j − ‖w_y − w_j‖·e > 0 for all j), so the loss
+                   rewards margins that survive the certificate, not raw margins. At ε_train = 0 it
+                   is cross-entropy.
+    margin_local   the same with the per-token local deviation bound e_{N,t}(ε) of
+                   ../shared/LOCAL-CERTIFICATES.md. Needs the local certificate (another branch);
+                   until it is in lipformer this objective is refused with a clear message.
+
+L_body for *training* is a differentiable estimate, not the certificate: the same composition as
+`lipformer.nn.compose_bounds` (docs/lipschitz.md §4–5), but with each σ_max from a few
+power iterations from a fixed start, σ ≈ uᵀWv, whose gradient uvᵀ is the gradient of σ_max. Power iteration can only
+underestimate σ, so this L_body is ≤ the sound one (by the iteration's error: small for weights at
+their caps, whose spectra are flat). That is fine for a training signal: the certificate of the trained weights is
+recomputed afterwards with sound σ upper bounds (`model.bounds()`), never from this estimate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lipformer.nn import ATTENTION_DIVISOR, GELU_DIVISOR, GELU_LIPSCHITZ
+
+OBJECTIVES = ("ce", "margin_global", "margin_local")
+
+
+def local_available() -> bool:
+    """Whether this lipformer has the per-token local certificate the margin_local objective needs."""
+    from lipformer import certify
+
+    return hasattr(certify, "local_deviation")
+
+
+class PowerSigma:
+    """Differentiable σ_max estimates: uᵀWv with u, v from `iters` no-grad power steps.
+
+    Every call starts from the same fixed vector, so the estimate is a function of the weights
+    alone: a resumed run computes exactly what an uninterrupted one does (a warm start carried
+    between steps would have to be checkpointed). Matrix–vector products only, negligible next to
+    the forward pass.
+    """
+
+    def __init__(self, iters: int = 12):
+        self.iters = iters
+
+    def sigma(self, weight: Tensor, heads: int | None = None) -> Tensor:
+        """σ_max of `weight`, or of each of its `heads` row blocks (a (heads,) tensor)."""
+        W = weight if heads is None else weight.view(heads, -1, weight.size(-1))
+        Wd = W.detach().float()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(Wd.shape[:-2] + Wd.shape[-1:], generator=g).to(Wd.device)
+        with torch.no_grad():
+            for _ in range(self.iters):
+                u = F.normalize(torch.einsum("...mn,...n->...m", Wd, v), dim=-1)
+                v = F.normalize(torch.einsum("...mn,...m->...n", Wd, u), dim=-1)
+        return torch.einsum("...m,...mn,...n->...", u.to(W.dtype), W, v.to(W.dtype))
+
+
+def body_lipschitz(model, sigma) -> Tensor:
+    """L_body of docs/lipschitz.md §5 as a differentiable tensor, σ's from `sigma(weight, heads)`.
+
+    Mirrors `lipformer.nn.compose_bounds` (dense layers): tests/test_objectives.py checks it equals
+    `model.bounds().body` when `sigma` is exact.
+    """
+    cfg = model.config
+    H, c, a = cfg.num_attention_heads, cfg.softmax_scale, cfg.residual_alpha
+    B = torch.tensor(float(model.model.ball.radius))
+    L = torch.ones(())
+    for layer in model.model.layers:
+        att = layer.attn
+        sq, sk, sv = (sigma(m.weight, H) for m in (att.q, att.k, att.v))
+        so = sigma(att.o.weight)
+        per_head = sv * (1 + 2 * c * H * sq * sk * B * B)
+        L_att = so * per_head.pow(2).sum().sqrt() / ATTENTION_DIVISOR
+        out_att = so * sv.pow(2).sum().sqrt() * B / ATTENTION_DIVISOR
+        L = L * ((1 - a) + a * L_att)
+        B = (1 - a) * B + a * out_att
+        n_in = math.sqrt(layer.mlp.fc_in.d_in / layer.mlp.fc_in.d_out) * sigma(layer.mlp.fc_in.weight)
+        n_out = math.sqrt(layer.mlp.fc_out.d_in / layer.mlp.fc_out.d_out) * sigma(layer.mlp.fc_out.weight)
+        L = L * ((1 - a) + a * n_in * GELU_LIPSCHITZ * n_out)
+        B = (1 - a) * B + a * n_out * n_in * B / GELU_DIVISOR
+    return L
+
+
+def bottom_logit_loss(logits: Tensor, targets: Tensor, head_weight: Tensor, deviation: Tensor) -> Tensor:
+    """Cross-entropy on z̃_j = z_j + ‖w_y − w_j‖·e (j ≠ y), z̃_y = z_y.
+
+    logits (..., V), targets (...), head_weight (V, d), deviation: e, a scalar or a tensor
+    broadcastable to targets' shape (per-position bounds on ‖Δh‖₂ of the final hidden state).
+    """
+    z = logits.float().reshape(-1, logits.size(-1))
+    y = targets.reshape(-1)
+    W = head_weight.float()
+    dist = torch.cdist(W, W)  # ‖w_i − w_j‖₂, zero on the diagonal so z̃_y = z_y
+    e = deviation.float().reshape(-1, 1) if deviation.dim() else deviation.float()
+    return F.cross_entropy(z + dist[y] * e, y)
+
+
+class Objective:
+    """loss(model, logits, targets) for one recipe."""
+
+    def __init__(self, name: str = "ce", eps: float = 0.0, power_iters: int = 12):
+        if name not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+        if name == "margin_local" and not local_available():
+            raise ValueError("objective 'margin_local' needs the local certificate (lipformer.certify."
+                             "local_deviation, LOCAL-CERTIFICATES.md), which this lipformer does not have yet; "
+                             "use 'margin_global'")
+        self.name, self.eps, self.power = name, float(eps), PowerSigma(power_iters)
+
+    def __call__(self, model, logits: Tensor, targets: Tensor) -> Tensor:
+        if self.name == "ce" or self.eps == 0.0:
+            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        # margin_global (margin_local is refused in __init__ until the local certificate exists)
+        e = math.sqrt(model.config.hidden_size) * body_lipschitz(model, self.power.sigma) * self.eps
+        return bottom_logit_loss(logits, targets, model.head.weight, e)
+
+
+__all__ = ["OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "local_available"]
