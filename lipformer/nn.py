@@ -98,6 +98,7 @@ def _sigma(weight: Tensor, heads: int | None = None) -> Tensor:
         return _SIGMA_MEMO[key][1]
     w = weight.detach()
     if heads is not None:
+        # head-major rows, the same split as Attention.forward's view(B, T, heads, head_dim)
         w = w.reshape(heads, w.size(0) // heads, w.size(1))
     value = spectral.sigma_upper(w)
     if _SIGMA_MEMO is not None:
