@@ -357,11 +357,8 @@ class LipformerForCausalLM(LipformerPreTrainedModel, GenerationMixin):
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def saved_weight_files(folder: Path, variant: str | None = None) -> list[str]:

@@ -13,19 +13,11 @@ from safetensors.torch import load_file
 
 from lipformer.cli import main
 from lipformer.training.checkpoint import find_checkpoint, read_metrics
-from lipformer.training.data import build_char_corpus
 from lipformer.training.recipe import load_recipe
 from lipformer.training.train import run
 
 CORPUS = ("ROMEO:\nWhat says the man? Speak, and be brief.\n\nQUEEN:\nHe says the night is long, my lord.\n"
           "\nKING:\nThen let it end.\n") * 30
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus") / "char"
-    build_char_corpus([CORPUS], folder)
-    return str(folder)
 
 
 def args(corpus, out, *extra):

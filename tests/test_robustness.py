@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from lipformer import LipformerConfig, LipformerForCausalLM
 from lipformer.cli import main
 from lipformer.tokenization import char_tokenizer
-from lipformer.training.data import DataError, build_char_corpus, load_tokens, read_shard
+from lipformer.training.data import DataError, load_tokens, read_shard
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 VOCAB = TEXT + "ROMEO:"  # (the demo's prompt)
@@ -45,13 +45,6 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     LipformerForCausalLM(config).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus") / "char"
-    build_char_corpus([CORPUS], folder)
     return folder
 
 

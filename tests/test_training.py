@@ -11,19 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lipformer.training.data import build_char_corpus
 from lipformer.training.recipe import RecipeError, load_recipe
 from lipformer.training.train import find_checkpoint, run
 
 CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n") * 20
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus") / "char"
-    build_char_corpus([CORPUS], folder)
-    return str(folder)
 
 
 def recipe(corpus, *extra):
