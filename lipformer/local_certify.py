@@ -30,6 +30,7 @@ class CleanPass:
     hidden: Tensor                        # final hidden states (T, d)
     rope: tuple[Tensor, Tensor]           # (cos, sin), (T, d_head)
     allowed: Tensor                       # (T, T): keys each query attends to
+    prepared: list[dict] | None = None    # per block: the ε-independent tensors of its local bound
 
 
 @torch.no_grad()
@@ -71,17 +72,28 @@ def final_radii(model, clean: CleanPass, eps: Tensor) -> Tensor:
     every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[k] (docs/lipschitz.md §9d)."""
     d = clean.hidden.size(-1)
     root_d = math.sqrt(d)
-    lam = _lambda(model, clean.hidden.size(0))
     ball = model.model.ball
     T = clean.hidden.size(0)
     # the input ball is 1-Lipschitz per token; its float64 evaluation is off by ≤ (γ_d + 8u)·r in rms
     start = root_d * (spectral.gamma(d) + 8 * U) * ball.radius
     e = (root_d * eps[:, None] * ROUND_UP + start).expand(-1, T).clone()
-    B = ball.radius
     with lnn.memoized_sigmas():
-        for layer, (x_attn, x_mlp) in zip(model.model.layers, clean.inputs):
-            e, B = layer.local_bound(x_attn, x_mlp, e, clean.rope, clean.allowed, B, lam)
+        for layer, (x_attn, x_mlp), prepared in zip(model.model.layers, clean.inputs, _prepared(model, clean)):
+            e, _ = layer.local_bound(x_attn, x_mlp, e, clean.rope, clean.allowed, None, None, prepared=prepared)
     return e
+
+
+def _prepared(model, clean: CleanPass) -> list[dict]:
+    """Each block's ε-independent tensors, computed on first use and kept on the clean pass."""
+    if clean.prepared is None:
+        lam = _lambda(model, clean.hidden.size(0))
+        B = model.model.ball.radius
+        clean.prepared = []
+        with lnn.memoized_sigmas():
+            for layer, (x_attn, x_mlp) in zip(model.model.layers, clean.inputs):
+                clean.prepared.append(layer.local_prepare(x_attn, x_mlp, clean.rope, clean.allowed, B, lam))
+                B = clean.prepared[-1]["output_bound"]
+    return clean.prepared
 
 
 def _lambda(model, T: int) -> float:
@@ -91,14 +103,16 @@ def _lambda(model, T: int) -> float:
 
 @torch.no_grad()
 def local_radii(model, ids, bounds=None, *, attention_mask: Tensor | None = None, tolerance: float = 0.1,
-                max_trials: int = 96) -> tuple[Tensor, Tensor, Tensor]:
+                max_trials: int = 256, per_round: int = 24) -> tuple[Tensor, Tensor, Tensor]:
     """(prediction, margin, local radius) for every position of one sequence (1, T) or list of ids.
 
-    Bisection on ε per position over the lattice ε_j = ε_lo·(1 + tolerance)^j, batched: every round
-    tests the distinct midpoints of the positions' brackets in one local pass, so positions whose
-    brackets share a midpoint share the trial. The radius reported is the largest lattice ε that
-    passed (0 when none did), within a factor 1 + tolerance of the largest that would pass, unless
-    `max_trials` trial values ran out first.
+    Search over the lattice ε_j = ε_lo·(1 + tolerance)^j in rounds: every unresolved position
+    proposes the points that cut its bracket (largest lattice index that passed, smallest that
+    failed) into equal parts, at most `per_round` distinct values are tested in one batched local
+    pass, and each tested value's verdict updates *every* position whose bracket it falls in, not
+    only the ones that proposed it. The radius reported is the largest lattice ε that passed (0
+    when none did), within a factor 1 + tolerance of the largest that would pass, unless
+    `max_trials` trial values ran out first (then it is still a value that passed, only smaller).
     """
     require_float64(model)
     ids = torch.as_tensor(ids).reshape(1, -1)
@@ -127,23 +141,49 @@ def local_radii(model, ids, bounds=None, *, attention_mask: Tensor | None = None
         high[~ok] = 0
         trials = 0
         while trials < max_trials:
-            todo = high - low > 1
-            if not todo.any():
+            values = _proposals(low, high, min(per_round, max_trials - trials))
+            if values.numel() == 0:
                 break
-            mids = (low + high) // 2
-            values = mids[todo].unique()[: max_trials - trials]
             trials += values.numel()
             passed = _verify(model, clean, lattice[values], distance)       # (K, T)
-            slot = torch.searchsorted(values, mids.clamp(max=J)).clamp(max=values.numel() - 1)
-            tested = todo & (values[slot] == mids)
-            verdict = passed[slot, torch.arange(T)]
-            low = torch.where(tested & verdict, mids, low)
-            high = torch.where(tested & ~verdict, mids, high)
+            low, high = _narrow(low, high, values, passed)
         radius = torch.where(low >= 0, lattice[low.clamp(min=0)], radius) * (1 - 1e-12)
     return pred, margin, radius
 
 
-def _verify(model, clean: CleanPass, eps: Tensor, distance: Tensor, batch: int = 16) -> Tensor:
+def _proposals(low: Tensor, high: Tensor, budget: int) -> Tensor:
+    """Sorted distinct lattice indices to test next: each open bracket (low, high) asks for the
+    points that cut it into `parts` equal pieces, with `parts` as large as the budget allows."""
+    open_ = high - low > 1
+    if not open_.any():
+        return torch.empty(0, dtype=torch.long)
+    brackets = torch.unique(torch.stack([low[open_], high[open_]], -1), dim=0)
+    values = torch.empty(0, dtype=torch.long)
+    for parts in range(max(2, budget // len(brackets) + 1), 1, -1):
+        cut = torch.arange(1, parts, dtype=torch.float64) / parts
+        lo, hi = brackets[:, :1].double(), brackets[:, 1:].double()
+        points = torch.round(lo + (hi - lo) * cut).long()
+        points = points[(points > brackets[:, :1]) & (points < brackets[:, 1:])]
+        values = points.unique()
+        if values.numel() <= budget:
+            return values
+    # more open brackets than the budget: their midpoints, spread over the whole range
+    keep = torch.linspace(0, values.numel() - 1, budget).round().long().unique()
+    return values[keep]
+
+
+def _narrow(low: Tensor, high: Tensor, values: Tensor, passed: Tensor) -> tuple[Tensor, Tensor]:
+    """Update every bracket with every verdict inside it: low ← the largest tested index that passed,
+    high ← the smallest tested index above the new low that failed."""
+    inside = (values[:, None] > low[None]) & (values[:, None] < high[None])            # (K, T)
+    idx = values[:, None].expand_as(inside)
+    best = torch.where(inside & passed, idx, torch.full_like(idx, -2)).amax(0)
+    low = torch.maximum(low, best)
+    fail = torch.where(inside & ~passed & (idx > low[None]), idx, torch.full_like(idx, 1 << 62)).amin(0)
+    return low, torch.minimum(high, fail)
+
+
+def _verify(model, clean: CleanPass, eps: Tensor, distance: Tensor, batch: int = 8) -> Tensor:
     """(K, T) bool: position t certified at eps[k] (its final radius is below its head distance)."""
     out = []
     for i in range(0, eps.numel(), batch):

@@ -323,23 +323,16 @@ class Attention(nn.Module):
         heads = torch.sqrt((sv**2 * (12.0 + shift) ** 2).sum()) + 2.0 * torch.sqrt((sv**2).sum())
         return float(so * lam * B * heads / ATTENTION_DIVISOR)
 
-    def local_bound(self, x: Tensor, e: Tensor, rope: tuple[Tensor, Tensor], allowed: Tensor,
-                    input_bound: float, lam: float, budget: int = 1 << 21) -> Tensor:
-        """Per-token ℓ2 radii of the output around the exact output at x̂ (docs/lipschitz.md §9b).
-
-        x: (T, d) the computed float64 input; e: (K, T) ℓ2 radii of the input around x̂, one row per
-        trial; rope: the (cos, sin) tables the forward used, (T, d_head); allowed: (T, T) the keys
-        each query sees; input_bound: an rms bound on every point of the segments from x̂ (for the
-        global bound); lam: the §6a float64 constant. Returns (K, T): per query and trial, the
-        smaller of the local bound (value path plus min(S_box, S_CS), heads in quadrature, W_o/3)
-        and the global bound times the largest input radius the query sees.
-        """
+    def local_prepare(self, x: Tensor, rope: tuple[Tensor, Tensor], allowed: Tensor, lam: float) -> dict:
+        """The ε-independent part of the local bound at the computed input x (T, d): the clean scores
+        with their float64 error, the clean softmax box, the distances of keys and values from their
+        attention-weighted centres. A certification evaluates many trial ε on the same input, so
+        these (H, T, T) tensors are computed once (docs/lipschitz.md §9b)."""
         H, dh, c = self.heads, self.head_dim, self.scale
         T = x.size(0)
         Wq, Wk, Wv = (m.weight.detach() for m in (self.q, self.k, self.v))
         # RoPE's float64 tables rotate with norm ≤ 1 + 4u: carried by the factor on σ_Q, σ_K
         sq, sk, sv = (_sigma(m.weight, H) * ROUND_UP for m in (self.q, self.k, self.v))
-        so = float(_sigma(self.o.weight))
         split = lambda t: t.view(T, H, dh).transpose(0, 1)  # noqa: E731
         cos, sin = rope
         q, k, v = apply_rope(split(F.linear(x, Wq)), cos, sin), apply_rope(split(F.linear(x, Wk)), cos, sin), split(F.linear(x, Wv))
@@ -347,51 +340,75 @@ class Attention(nn.Module):
         xn = spectral.row_norm_upper(x)
         dq, dk, dv = (2 * lam * s[:, None] * xn[None] for s in (sq, sk, sv))          # (H, T)
         qn, kn = spectral.row_norm_upper(q), spectral.row_norm_upper(k)
-        q_up = (qn + dq) * ROUND_UP                                                      # ≥ ‖q_t‖
-        K = e.size(0)
+        f = c / dh
+        raw = f * (q @ k.mT)                                                             # (H, T, T)
+        # |computed − exact| score: the errors of q, k, the d_h-term dot product, the scaling
+        gamma = (dh + 4) * _U64
+        d_a = (f * (dq[:, :, None] * (kn[:, None, :] + dk[:, None, :]) + qn[:, :, None] * dk[:, None, :]
+                    + gamma * qn[:, :, None] * kn[:, None, :]) + 4 * _U64 * raw.abs()) * ROUND_UP
+        center = torch.where(allowed, raw, torch.full_like(raw, -math.inf))
+        p = torch.softmax(center, -1)
+        kappa, vbar = p @ k, p @ v                      # any fixed centres will do: the computed ones
+        kd = distance_upper(kappa, k) + dk[:, None, :]                                  # ≥ ‖k_s − κ_t‖
+        r = distance_upper(vbar, v) + dv[:, None, :]                                    # ≥ ‖v_s − v̄_t‖
+        low0, up0, eta0 = softmax_box(center, d_a)      # the exact clean weights p_t lie in this box
+        return {"sq": sq, "sk": sk, "sv": sv, "so": float(_sigma(self.o.weight)), "f": f,
+                "q_up": (qn + dq) * ROUND_UP, "center": center, "d_a": d_a, "kd": kd, "r": r,
+                "low0": low0, "up0": up0, "eta0": eta0, "r_max": masked_max(r, allowed)}
+
+    def local_bound(self, x: Tensor, e: Tensor, rope: tuple[Tensor, Tensor], allowed: Tensor,
+                    input_bound: float, lam: float, budget: int = 1 << 16, prepared: dict | None = None) -> Tensor:
+        """Per-token ℓ2 radii of the output around the exact output at x̂ (docs/lipschitz.md §9b).
+
+        x: (T, d) the computed float64 input; e: (K, T) ℓ2 radii of the input around x̂, one row per
+        trial; rope: the (cos, sin) tables the forward used, (T, d_head); allowed: (T, T) the keys
+        each query sees; input_bound: an rms bound on every point of the segments from x̂ (for the
+        global bound); lam: the §6a float64 constant; prepared: `local_prepare(x, rope, allowed,
+        lam)` when the caller evaluates many e on the same x. Returns (K, T): per query and trial,
+        the smaller of the local bound (value path plus min(S_box, S_CS), heads in quadrature,
+        W_o/3) and the global bound times the largest input radius the query sees.
+        """
+        P = prepared if prepared is not None else self.local_prepare(x, rope, allowed, lam)
+        H, T, K = self.heads, x.size(0), e.size(0)
+        sq, sk, sv, f = P["sq"], P["sk"], P["sv"], P["f"]
         eq, ek = sq[None, :, None] * e[:, None], sk[None, :, None] * e[:, None]          # (K, H, T)
         seen = _prefix_max(e, allowed)                                                 # (K, T)
         value = sv[None, :, None] * seen[:, None]                                       # (K, H, T)
         glob = self.bound(input_bound).lipschitz * seen
         s_box = torch.empty(K, H, T, dtype=x.dtype)
         s_cs = torch.empty(K, H, T, dtype=x.dtype)
-        f = c / dh
+        # row chunks of ~`budget` entries: their ~60 elementwise passes stay in cache (≈4× faster than
+        # one large chunk on CPU), and causal rows stop at their last allowed key (≈ half the work)
         rows = max(1, budget // max(1, K * H * T))
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             keys = allowed[t0:t1]
+            if not keys.any():   # rows that see no key: no local statement, the global bound stands
+                s_box[:, :, t0:t1] = s_cs[:, :, t0:t1] = math.nan
+                continue
             S = int(keys.any(0).nonzero().max()) + 1        # causal: later keys are never seen
             keys = keys[:, :S]
-            raw = f * (q[:, t0:t1] @ k[:, :S].mT)
-            # |computed − exact| score: the errors of q, k, the d_h-term dot product, the scaling
-            gamma = (dh + 4) * 2.0**-53
-            d_a = (f * (dq[:, t0:t1, None] * (kn[:, None, :S] + dk[:, None, :S]) + qn[:, t0:t1, None] * dk[:, None, :S]
-                        + gamma * qn[:, t0:t1, None] * kn[:, None, :S]) + 4 * 2.0**-53 * raw.abs()) * ROUND_UP
-            center = torch.where(keys, raw, torch.full_like(raw, -math.inf))              # (H, Tc, S)
-            p = torch.softmax(center, -1)
-            kappa, vbar = p @ k[:, :S], p @ v[:, :S]             # any fixed centres will do: computed ones
-            kd = distance_upper(kappa, k[:, :S]) + dk[:, None, :S]                      # ≥ ‖k_s − κ_t‖
-            r = distance_upper(vbar, v[:, :S]) + dv[:, None, :S]                        # ≥ ‖v_s − v̄_t‖
-            low0, up0, eta0 = softmax_box(center, d_a)          # the exact clean weights p_t
+            part = lambda name: P[name][:, t0:t1, :S]  # noqa: E731
+            center, d_a, kd, r = part("center"), part("d_a"), part("kd"), part("r")
+            low0, up0 = part("low0"), part("up0")
             EQ, EK = eq[:, :, t0:t1, None], ek[:, :, None, :S]
-            beta = f * (EQ * kd + q_up[None, :, t0:t1, None] * EK + EQ * EK) * ROUND_UP
+            beta = f * (EQ * kd + P["q_up"][None, :, t0:t1, None] * EK + EQ * EK) * ROUND_UP
             low1, up1, eta1 = softmax_box(center, beta + d_a)   # every weight on the perturbed segment
-            eta = 2 * max(eta0, eta1)
+            eta = 2 * max(P["eta0"], eta1)
             up_l, low_l = up1 * (1 + eta), low1 * (1 - eta)      # outward: the exact box lies inside
             more = (up1 - low0 + eta * (up1 + low0)).clamp(min=0)    # ≥ p′_s − p_s
             less = (up0 - low1 + eta * (up0 + low1)).clamp(min=0)    # ≥ p_s − p′_s
             w = torch.maximum(more, less)
             tv = torch.minimum(more.sum(-1), less.sum(-1)).clamp(max=1.0)
-            r_max = masked_max(r, keys)
-            s_box[:, :, t0:t1] = torch.minimum((w * r).sum(-1), 2 * tv * r_max)
+            s_box[:, :, t0:t1] = torch.minimum((w * r).sum(-1), 2 * tv * P["r_max"][:, t0:t1])
             spread_v = r + sv[None, :, None, None] * e[:, None, None, :S]
             mean = lambda cost: _box_mean(cost, low_l, up_l, keys)  # noqa: E731
             sk_ = mean((kd + EK).pow(2)).sqrt()
             ek_ = mean(EK.pow(2).expand_as(beta)).sqrt()
             sv_ = mean(spread_v.pow(2)).sqrt()
-            s_cs[:, :, t0:t1] = f * (EQ[..., 0] * sk_ + (q_up[None, :, t0:t1] + EQ[..., 0]) * ek_) * sv_
+            s_cs[:, :, t0:t1] = f * (EQ[..., 0] * sk_ + (P["q_up"][None, :, t0:t1] + EQ[..., 0]) * ek_) * sv_
         heads = value + torch.nan_to_num(torch.minimum(s_box, s_cs), nan=math.inf)
-        local = so * heads.pow(2).sum(1).sqrt() / ATTENTION_DIVISOR * ROUND_UP
+        local = P["so"] * heads.pow(2).sum(1).sqrt() / ATTENTION_DIVISOR * ROUND_UP
         return torch.minimum(local, glob)
 
 
@@ -417,21 +434,26 @@ class MLP(nn.Module):
         """rms bound on |float64 forward − exact forward| at one computed input of rms ≤ B (§6a)."""
         return 3.0 * lam * self.fc_in.norm_upper() * self.fc_out.norm_upper() * input_bound
 
-    def local_bound(self, x: Tensor, e: Tensor, input_bound: float, lam: float) -> Tensor:
-        """Per-token ℓ2 radii of the output around the exact output at x̂ (docs/lipschitz.md §9c):
-        σ_out·σ_in·m_t/1.1289·e_t, m_t ≥ |GELU′| anywhere in every unit's reachable interval
-        z_ti ± ‖w_i‖e_t: m_t = max_i |GELU′(ẑ_ti)| + max|GELU″|·max_i(‖w_i‖e_t + rounding).
-        x: (T, d); e: (K, T); returns (K, T)."""
+    def local_prepare(self, x: Tensor) -> dict:
+        """The ε-independent part of the local bound at the computed input x (T, d)."""
         W_in = self.fc_in.weight.detach()
-        s_in, s_out = float(_sigma(self.fc_in.weight)), float(_sigma(self.fc_out.weight))
         z = F.linear(x, W_in)                                                   # (T, d_ff)
         rows = spectral.row_norm_upper(W_in)                                    # (d_ff,)
         # |ẑ_ti − z_ti| ≤ γ_d‖w_i‖‖x_t‖ (a d-term dot product)
-        dz = (x.size(-1) + 2) * 2.0**-53 * rows[None] * spectral.row_norm_upper(x)[:, None] * ROUND_UP
-        clean = gelu_slope(z).abs().amax(-1) + 1e-13                            # (T,): erf, exp within ulps
-        reach = (rows.max() * e + dz.amax(-1)) * ROUND_UP                       # (K, T)
-        slope = torch.clamp(clean + GELU_CURVATURE_MAX * reach, max=GELU_SLOPE_MAX_UP)
-        local = s_out * s_in * slope / GELU_DIVISOR * e * ROUND_UP
+        dz = (x.size(-1) + 2) * _U64 * rows[None] * spectral.row_norm_upper(x)[:, None] * ROUND_UP
+        return {"clean": gelu_slope(z).abs().amax(-1) + 1e-13,                  # (T,): erf, exp within ulps
+                "row_max": rows.max(), "dz": dz.amax(-1),
+                "gain": float(_sigma(self.fc_out.weight)) * float(_sigma(self.fc_in.weight)) / GELU_DIVISOR}
+
+    def local_bound(self, x: Tensor, e: Tensor, input_bound: float, lam: float, prepared: dict | None = None) -> Tensor:
+        """Per-token ℓ2 radii of the output around the exact output at x̂ (docs/lipschitz.md §9c):
+        σ_out·σ_in·m_t/1.1289·e_t, m_t ≥ |GELU′| anywhere in every unit's reachable interval
+        z_ti ± ‖w_i‖e_t: m_t = max_i |GELU′(ẑ_ti)| + max|GELU″|·max_i(‖w_i‖e_t + rounding).
+        x: (T, d); e: (K, T); prepared: `local_prepare(x)`; returns (K, T)."""
+        P = prepared if prepared is not None else self.local_prepare(x)
+        reach = (P["row_max"] * e + P["dz"]) * ROUND_UP                          # (K, T)
+        slope = torch.clamp(P["clean"] + GELU_CURVATURE_MAX * reach, max=GELU_SLOPE_MAX_UP)
+        local = P["gain"] * slope * e * ROUND_UP
         return torch.minimum(local, self.bound(input_bound).lipschitz * e)
 
 def residual_bound(alpha: float, input_bound: float, branch: Bound) -> Bound:
@@ -471,26 +493,41 @@ class Block(nn.Module):
             B = residual_bound(a, B, branch.bound(B)).output
         return error
 
+    def local_prepare(self, x_attn: Tensor, x_mlp: Tensor, rope, allowed: Tensor, input_bound: float,
+                      lam: float) -> dict:
+        """The ε-independent part of `local_bound`: per sublayer its rms bound at x̂ and every exact
+        point, its own prepared tensors, and the float64 error of evaluating it once at x̂ (§6a)."""
+        a, root_d = self.alpha, math.sqrt(x_attn.size(-1))
+        B, steps = input_bound, []
+        for branch, x in ((self.attn, x_attn), (self.mlp, x_mlp)):
+            here = max(B, float(x.pow(2).mean(-1).sqrt().max()) * ROUND_UP)   # x̂ and every exact point
+            inner = branch.local_prepare(x, rope, allowed, lam) if branch is self.attn else branch.local_prepare(x)
+            wide = residual_bound(a, here, branch.bound(here))
+            rounding = root_d * (a * branch.rounding_error(here, lam) + 3 * _U64 * wide.output) * ROUND_UP
+            steps.append((branch, x, here, inner, rounding))
+            B = residual_bound(a, B, branch.bound(B)).output
+        return {"steps": steps, "output_bound": B}
+
     def local_bound(self, x_attn: Tensor, x_mlp: Tensor, e: Tensor, rope, allowed: Tensor,
-                    input_bound: float, lam: float) -> tuple[Tensor, float]:
+                    input_bound: float, lam: float, prepared: dict | None = None) -> tuple[Tensor, float]:
         """Radii after the block around its computed output (docs/lipschitz.md §9c–d).
 
         x_attn, x_mlp: the computed inputs of the two sublayers (T, d); e: (K, T) ℓ2 radii of the
         exact perturbed input around x_attn; input_bound: rms bound on every exact activation here
-        (the global one). Each residual mixes e ← (1 − α)e + α·f and adds the float64 error of
-        evaluating that sublayer once at the computed input (§6a), which is what separates the
+        (the global one); prepared: `local_prepare(...)` with the same arguments, when many e are
+        evaluated on one input. Each residual mixes e ← (1 − α)e + α·f and adds the float64 error
+        of evaluating that sublayer once at the computed input (§6a), which is what separates the
         next computed activation from the exact function of this one. Returns (e, next bound).
         """
-        a, root_d = self.alpha, math.sqrt(x_attn.size(-1))
-        B = input_bound
-        for branch, x in ((self.attn, x_attn), (self.mlp, x_mlp)):
-            here = max(B, float(x.pow(2).mean(-1).sqrt().max()) * ROUND_UP)   # x̂ and every exact point
-            f = branch.local_bound(x, e, rope, allowed, here, lam) if branch is self.attn else branch.local_bound(x, e, here, lam)
-            wide = residual_bound(a, here, branch.bound(here))
-            rounding = root_d * (a * branch.rounding_error(here, lam) + 3 * _U64 * wide.output) * ROUND_UP
+        P = prepared if prepared is not None else self.local_prepare(x_attn, x_mlp, rope, allowed, input_bound, lam)
+        a = self.alpha
+        for branch, x, here, inner, rounding in P["steps"]:
+            if branch is self.attn:
+                f = branch.local_bound(x, e, rope, allowed, here, lam, prepared=inner)
+            else:
+                f = branch.local_bound(x, e, here, lam, prepared=inner)
             e = ((1 - a) * e + a * f) * ROUND_UP + rounding
-            B = residual_bound(a, B, branch.bound(B)).output
-        return e, B
+        return e, P["output_bound"]
 
 
 def float64_linear_error(n: int) -> float:

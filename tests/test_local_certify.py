@@ -299,3 +299,37 @@ def test_padding_is_covered(trained):
     # the real positions see what the unpadded sequence sees: the same radii up to rounding
     plain = final_radii(model, clean_pass(model, torch.tensor([real])), torch.tensor([1e-2], dtype=torch.float64))[0]
     torch.testing.assert_close(e[6:], plain, rtol=1e-6, atol=0)
+
+
+# --- the search and the cached, chunked evaluation ------------------------------------------
+
+def test_search_finds_the_largest_passing_radius_within_tolerance(trained):
+    # Every reported radius must itself pass (that is what makes it sound), and 1 + tolerance above
+    # it must fail: the batched k-ary search shares trial values across positions, and a bug in how
+    # verdicts update the brackets would show up as radii that are far too small (or unverified).
+    ids = torch.tensor([IDS[:48]])
+    tol = 0.1
+    _, _, radius = local_radii(trained, ids, tolerance=tol)
+    clean = clean_pass(trained, ids)
+    _, _, distance = certify.head_margins(clean.hidden, trained.head.weight)
+    t = (radius > 0).nonzero()[:, 0]
+    assert t.numel() >= 20
+    for k in range(t.numel()):
+        e = final_radii(trained, clean, torch.stack([radius[t[k]], radius[t[k]] * (1 + tol) * (1 + 1e-6)]))
+        assert e[0, t[k]] < distance[t[k]], "a reported radius that does not verify"
+        assert e[1, t[k]] >= distance[t[k]], "a radius more than the tolerance below the largest that verifies"
+
+
+def test_cached_and_chunked_attention_bound_equals_the_direct_one(trained):
+    attn = trained.model.layers[1].attn
+    clean = clean_pass(trained, torch.tensor([IDS[:40]]))
+    x = clean.inputs[1][0]
+    e = torch.rand(3, 40, dtype=torch.float64) * 1e-2
+    args = (x, e, clean.rope, clean.allowed, 4.0, 1e-13)
+    direct = attn.local_bound(*args, budget=1 << 30)
+    prepared = attn.local_prepare(x, clean.rope, clean.allowed, 1e-13)
+    cached = attn.local_bound(*args, budget=1 << 30, prepared=prepared)
+    chunked = attn.local_bound(*args, budget=1, prepared=prepared)   # one query row per chunk
+    assert torch.equal(direct, cached)
+    # chunks differ only in the rounding allowance η (it grows with the keys a chunk spans)
+    torch.testing.assert_close(chunked, direct, rtol=1e-9, atol=0)
