@@ -23,6 +23,11 @@ from .local_bounds import ROUND_UP, U
 from .margins import head_margins, radii_from_hidden, require_float64
 
 
+TRIALS_PER_CALL = 8          # trial ε evaluated together in one local pass
+CHUNK_ENTRIES = 1 << 16      # trial × head × query × key entries per chunk: cache-sized on a CPU
+CACHE_BYTES = 2 << 30        # keep the ε-independent tensors of a text when they fit in this
+
+
 @dataclass
 class CleanPass:
     """The computed float64 activations a local bound is centred on, and what the forward used."""
@@ -84,14 +89,20 @@ def final_radii(model, clean: CleanPass, eps: Tensor) -> Tensor:
 
 
 def _prepared(model, clean: CleanPass) -> list[dict]:
-    """Each block's ε-independent tensors, computed on first use and kept on the clean pass."""
+    """Each block's ε-independent tensors, computed on first use and kept on the clean pass when
+    they fit in CACHE_BYTES (else each trial call recomputes them chunk by chunk: same bound)."""
     if clean.prepared is None:
-        lam = _lambda(model, clean.hidden.size(0))
+        T = clean.hidden.size(0)
+        cfg = model.config
+        lam = _lambda(model, T)
+        rows = CHUNK_ENTRIES // (TRIALS_PER_CALL * cfg.num_attention_heads * T)
+        # ≈ 8 float64 numbers per head and causal query–key pair, per block
+        keep = cfg.num_hidden_layers * cfg.num_attention_heads * T * (T + rows) / 2 * 8 * 8 <= CACHE_BYTES
         B = model.model.ball.radius
         clean.prepared = []
         with lnn.memoized_sigmas():
             for layer, (x_attn, x_mlp) in zip(model.model.layers, clean.inputs):
-                clean.prepared.append(layer.local_prepare(x_attn, x_mlp, clean.rope, clean.allowed, B, lam))
+                clean.prepared.append(layer.local_prepare(x_attn, x_mlp, clean.rope, clean.allowed, B, lam, rows, keep))
                 B = clean.prepared[-1]["output_bound"]
     return clean.prepared
 
@@ -183,7 +194,7 @@ def _narrow(low: Tensor, high: Tensor, values: Tensor, passed: Tensor) -> tuple[
     return low, torch.minimum(high, fail)
 
 
-def _verify(model, clean: CleanPass, eps: Tensor, distance: Tensor, batch: int = 8) -> Tensor:
+def _verify(model, clean: CleanPass, eps: Tensor, distance: Tensor, batch: int = TRIALS_PER_CALL) -> Tensor:
     """(K, T) bool: position t certified at eps[k] (its final radius is below its head distance)."""
     out = []
     for i in range(0, eps.numel(), batch):

@@ -323,11 +323,14 @@ class Attention(nn.Module):
         heads = torch.sqrt((sv**2 * (12.0 + shift) ** 2).sum()) + 2.0 * torch.sqrt((sv**2).sum())
         return float(so * lam * B * heads / ATTENTION_DIVISOR)
 
-    def local_prepare(self, x: Tensor, rope: tuple[Tensor, Tensor], allowed: Tensor, lam: float) -> dict:
-        """The ε-independent part of the local bound at the computed input x (T, d): the clean scores
-        with their float64 error, the clean softmax box, the distances of keys and values from their
-        attention-weighted centres. A certification evaluates many trial ε on the same input, so
-        these (H, T, T) tensors are computed once (docs/lipschitz.md §9b)."""
+    def local_prepare(self, x: Tensor, rope: tuple[Tensor, Tensor], allowed: Tensor, lam: float,
+                      rows: int, keep: bool = True) -> dict:
+        """The ε-independent part of the local bound at the computed input x (T, d), in chunks of
+        `rows` query rows: per chunk the clean scores with their float64 error, the clean softmax
+        box, the distances of keys and values from their attention-weighted centres (§9b). A
+        certification evaluates many trial ε on one input, so with `keep` the chunks are computed
+        once here (≈ 6 float64 numbers per allowed query–key pair and head); without it, on every
+        call. Each chunk stops at its last allowed key: causal rows never see later ones."""
         H, dh, c = self.heads, self.head_dim, self.scale
         T = x.size(0)
         Wq, Wk, Wv = (m.weight.detach() for m in (self.q, self.k, self.v))
@@ -340,21 +343,35 @@ class Attention(nn.Module):
         xn = spectral.row_norm_upper(x)
         dq, dk, dv = (2 * lam * s[:, None] * xn[None] for s in (sq, sk, sv))          # (H, T)
         qn, kn = spectral.row_norm_upper(q), spectral.row_norm_upper(k)
-        f = c / dh
-        raw = f * (q @ k.mT)                                                             # (H, T, T)
+        state = {"sq": sq, "sk": sk, "sv": sv, "so": float(_sigma(self.o.weight)), "f": c / dh,
+                 "q_up": (qn + dq) * ROUND_UP, "tensors": (q, k, v, dq, dk, dv, qn, kn), "chunks": []}
+        for t0 in range(0, T, max(1, rows)):
+            t1 = min(T, t0 + max(1, rows))
+            seen = allowed[t0:t1].any(0).nonzero()
+            span = (t0, t1, int(seen.max()) + 1 if seen.numel() else 0)
+            state["chunks"].append(self._local_rows(state, allowed, *span) if keep else span)
+        return state
+
+    def _local_rows(self, state: dict, allowed: Tensor, t0: int, t1: int, S: int) -> dict:
+        """One chunk of `local_prepare`: query rows t0:t1 against keys :S."""
+        q, k, v, dq, dk, dv, qn, kn = state["tensors"]
+        f, keys = state["f"], allowed[t0:t1, :S]
+        if S == 0:   # rows that see no key
+            return {"span": (t0, t1, S)}
+        q, qn, dq, k, kn, dk, v, dv = q[:, t0:t1], qn[:, t0:t1], dq[:, t0:t1], k[:, :S], kn[:, :S], dk[:, :S], v[:, :S], dv[:, :S]
+        raw = f * (q @ k.mT)                                                             # (H, Tc, S)
         # |computed − exact| score: the errors of q, k, the d_h-term dot product, the scaling
-        gamma = (dh + 4) * _U64
+        gamma = (q.size(-1) + 4) * _U64
         d_a = (f * (dq[:, :, None] * (kn[:, None, :] + dk[:, None, :]) + qn[:, :, None] * dk[:, None, :]
                     + gamma * qn[:, :, None] * kn[:, None, :]) + 4 * _U64 * raw.abs()) * ROUND_UP
-        center = torch.where(allowed, raw, torch.full_like(raw, -math.inf))
+        center = torch.where(keys, raw, torch.full_like(raw, -math.inf))
         p = torch.softmax(center, -1)
         kappa, vbar = p @ k, p @ v                      # any fixed centres will do: the computed ones
         kd = distance_upper(kappa, k) + dk[:, None, :]                                  # ≥ ‖k_s − κ_t‖
         r = distance_upper(vbar, v) + dv[:, None, :]                                    # ≥ ‖v_s − v̄_t‖
         low0, up0, eta0 = softmax_box(center, d_a)      # the exact clean weights p_t lie in this box
-        return {"sq": sq, "sk": sk, "sv": sv, "so": float(_sigma(self.o.weight)), "f": f,
-                "q_up": (qn + dq) * ROUND_UP, "center": center, "d_a": d_a, "kd": kd, "r": r,
-                "low0": low0, "up0": up0, "eta0": eta0, "r_max": masked_max(r, allowed)}
+        return {"span": (t0, t1, S), "keys": keys, "center": center, "d_a": d_a, "kd": kd, "r": r,
+                "low0": low0, "up0": up0, "eta0": eta0, "r_max": masked_max(r, keys)}
 
     def local_bound(self, x: Tensor, e: Tensor, rope: tuple[Tensor, Tensor], allowed: Tensor,
                     input_bound: float, lam: float, budget: int = 1 << 16, prepared: dict | None = None) -> Tensor:
@@ -363,50 +380,46 @@ class Attention(nn.Module):
         x: (T, d) the computed float64 input; e: (K, T) ℓ2 radii of the input around x̂, one row per
         trial; rope: the (cos, sin) tables the forward used, (T, d_head); allowed: (T, T) the keys
         each query sees; input_bound: an rms bound on every point of the segments from x̂ (for the
-        global bound); lam: the §6a float64 constant; prepared: `local_prepare(x, rope, allowed,
-        lam)` when the caller evaluates many e on the same x. Returns (K, T): per query and trial,
-        the smaller of the local bound (value path plus min(S_box, S_CS), heads in quadrature,
-        W_o/3) and the global bound times the largest input radius the query sees.
+        global bound); lam: the §6a float64 constant; budget: entries per chunk of query rows (their
+        ~60 elementwise passes then stay in cache: ≈4× faster on CPU than one large chunk);
+        prepared: `local_prepare(...)` when the caller evaluates many e on the same x. Returns
+        (K, T): per query and trial, the smaller of the local bound (value path plus
+        min(S_box, S_CS), heads in quadrature, W_o/3) and the global bound times the largest input
+        radius the query sees.
         """
-        P = prepared if prepared is not None else self.local_prepare(x, rope, allowed, lam)
         H, T, K = self.heads, x.size(0), e.size(0)
-        sq, sk, sv, f = P["sq"], P["sk"], P["sv"], P["f"]
+        P = prepared if prepared is not None else self.local_prepare(
+            x, rope, allowed, lam, rows=budget // max(1, K * H * T), keep=False)
+        sq, sk, sv, f, q_up = P["sq"], P["sk"], P["sv"], P["f"], P["q_up"]
         eq, ek = sq[None, :, None] * e[:, None], sk[None, :, None] * e[:, None]          # (K, H, T)
         seen = _prefix_max(e, allowed)                                                 # (K, T)
         value = sv[None, :, None] * seen[:, None]                                       # (K, H, T)
         glob = self.bound(input_bound).lipschitz * seen
         s_box = torch.empty(K, H, T, dtype=x.dtype)
         s_cs = torch.empty(K, H, T, dtype=x.dtype)
-        # row chunks of ~`budget` entries: their ~60 elementwise passes stay in cache (≈4× faster than
-        # one large chunk on CPU), and causal rows stop at their last allowed key (≈ half the work)
-        rows = max(1, budget // max(1, K * H * T))
-        for t0 in range(0, T, rows):
-            t1 = min(T, t0 + rows)
-            keys = allowed[t0:t1]
-            if not keys.any():   # rows that see no key: no local statement, the global bound stands
+        for chunk in P["chunks"]:
+            C = chunk if isinstance(chunk, dict) else self._local_rows(P, allowed, *chunk)
+            t0, t1, S = C["span"]
+            if S == 0:   # no key, no local statement: the global bound stands (NaN → ∞ below)
                 s_box[:, :, t0:t1] = s_cs[:, :, t0:t1] = math.nan
                 continue
-            S = int(keys.any(0).nonzero().max()) + 1        # causal: later keys are never seen
-            keys = keys[:, :S]
-            part = lambda name: P[name][:, t0:t1, :S]  # noqa: E731
-            center, d_a, kd, r = part("center"), part("d_a"), part("kd"), part("r")
-            low0, up0 = part("low0"), part("up0")
+            center, d_a, kd, r, low0, up0, keys = (C[n] for n in ("center", "d_a", "kd", "r", "low0", "up0", "keys"))
             EQ, EK = eq[:, :, t0:t1, None], ek[:, :, None, :S]
-            beta = f * (EQ * kd + P["q_up"][None, :, t0:t1, None] * EK + EQ * EK) * ROUND_UP
+            beta = f * (EQ * kd + q_up[None, :, t0:t1, None] * EK + EQ * EK) * ROUND_UP
             low1, up1, eta1 = softmax_box(center, beta + d_a)   # every weight on the perturbed segment
-            eta = 2 * max(P["eta0"], eta1)
+            eta = 2 * max(C["eta0"], eta1)
             up_l, low_l = up1 * (1 + eta), low1 * (1 - eta)      # outward: the exact box lies inside
             more = (up1 - low0 + eta * (up1 + low0)).clamp(min=0)    # ≥ p′_s − p_s
             less = (up0 - low1 + eta * (up0 + low1)).clamp(min=0)    # ≥ p_s − p′_s
             w = torch.maximum(more, less)
             tv = torch.minimum(more.sum(-1), less.sum(-1)).clamp(max=1.0)
-            s_box[:, :, t0:t1] = torch.minimum((w * r).sum(-1), 2 * tv * P["r_max"][:, t0:t1])
+            s_box[:, :, t0:t1] = torch.minimum((w * r).sum(-1), 2 * tv * C["r_max"])
             spread_v = r + sv[None, :, None, None] * e[:, None, None, :S]
             mean = lambda cost: _box_mean(cost, low_l, up_l, keys)  # noqa: E731
             sk_ = mean((kd + EK).pow(2)).sqrt()
             ek_ = mean(EK.pow(2).expand_as(beta)).sqrt()
             sv_ = mean(spread_v.pow(2)).sqrt()
-            s_cs[:, :, t0:t1] = f * (EQ[..., 0] * sk_ + (P["q_up"][None, :, t0:t1] + EQ[..., 0]) * ek_) * sv_
+            s_cs[:, :, t0:t1] = f * (EQ[..., 0] * sk_ + (q_up[None, :, t0:t1] + EQ[..., 0]) * ek_) * sv_
         heads = value + torch.nan_to_num(torch.minimum(s_box, s_cs), nan=math.inf)
         local = P["so"] * heads.pow(2).sum(1).sqrt() / ATTENTION_DIVISOR * ROUND_UP
         return torch.minimum(local, glob)
@@ -494,14 +507,16 @@ class Block(nn.Module):
         return error
 
     def local_prepare(self, x_attn: Tensor, x_mlp: Tensor, rope, allowed: Tensor, input_bound: float,
-                      lam: float) -> dict:
+                      lam: float, rows: int, keep: bool = True) -> dict:
         """The ε-independent part of `local_bound`: per sublayer its rms bound at x̂ and every exact
-        point, its own prepared tensors, and the float64 error of evaluating it once at x̂ (§6a)."""
+        point, its own prepared tensors (attention: in chunks of `rows` query rows, kept if `keep`),
+        and the float64 error of evaluating it once at x̂ (§6a)."""
         a, root_d = self.alpha, math.sqrt(x_attn.size(-1))
         B, steps = input_bound, []
         for branch, x in ((self.attn, x_attn), (self.mlp, x_mlp)):
             here = max(B, float(x.pow(2).mean(-1).sqrt().max()) * ROUND_UP)   # x̂ and every exact point
-            inner = branch.local_prepare(x, rope, allowed, lam) if branch is self.attn else branch.local_prepare(x)
+            inner = (branch.local_prepare(x, rope, allowed, lam, rows, keep) if branch is self.attn
+                     else branch.local_prepare(x))
             wide = residual_bound(a, here, branch.bound(here))
             rounding = root_d * (a * branch.rounding_error(here, lam) + 3 * _U64 * wide.output) * ROUND_UP
             steps.append((branch, x, here, inner, rounding))
@@ -519,7 +534,8 @@ class Block(nn.Module):
         of evaluating that sublayer once at the computed input (§6a), which is what separates the
         next computed activation from the exact function of this one. Returns (e, next bound).
         """
-        P = prepared if prepared is not None else self.local_prepare(x_attn, x_mlp, rope, allowed, input_bound, lam)
+        P = prepared if prepared is not None else self.local_prepare(
+            x_attn, x_mlp, rope, allowed, input_bound, lam, rows=(1 << 16) // max(1, e.size(0) * e.size(1) * self.attn.heads), keep=False)
         a = self.alpha
         for branch, x, here, inner, rounding in P["steps"]:
             if branch is self.attn:

@@ -3,7 +3,10 @@
 The model is the `shakespeare-char` size (d 256, 3 blocks, 4 heads, vocab 83): a trained run's
 weights when `--model DIR` is given (its context is widened to the longest T: the weights do not
 depend on it, only the §6a rounding constant does), else the preset at its init (weights at caps).
-Global and local are timed side by side in the same run, on the same text.
+Global and local are timed side by side in the same run, on the same text, through
+`certify.certify_tokens` (what `lipformer certify --method global|local` runs after the bounds):
+wall time, and process CPU time (less sensitive to other load on a shared machine), with the
+1-minute load average at the end of each row.
 
     .venv/bin/python scripts/bench_local_certify.py --model runs/sc-c20-vo4/final --lengths 64 128 256 512 1024
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -23,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lipformer import LipformerConfig, LipformerForCausalLM, certify  # noqa: E402
-from lipformer.local_certify import local_radii  # noqa: E402
 
 
 def load(model_dir: str | None, context: int) -> LipformerForCausalLM:
@@ -65,21 +68,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load(args.model, max(args.lengths))
+    start, cpu = time.perf_counter(), time.process_time()
     bounds = model.bounds()
+    print(json.dumps({"bounds_s": time.perf_counter() - start, "bounds_cpu_s": time.process_time() - cpu}), flush=True)
     rows = []
     for T in args.lengths:
         ids = text_ids(T, model.config.vocab_size)
-        start = time.perf_counter()
-        glob = certify.certify_tokens(model, ids, bounds, method="global")
-        t_global = time.perf_counter() - start
-        start = time.perf_counter()
-        _, _, local = local_radii(model, ids, bounds)
-        t_local = time.perf_counter() - start
-        g = torch.tensor([c.radius for c in glob])
+        timed = {}
+        for method in ("global", "local"):
+            start, cpu = time.perf_counter(), time.process_time()
+            certs = certify.certify_tokens(model, ids, bounds, method=method)
+            timed[method] = (time.perf_counter() - start, time.process_time() - cpu, certs)
+        g = torch.tensor([c.radius for c in timed["global"][2]])
+        local = torch.tensor([c.radius for c in timed["local"][2]])
         ok = g > 0
         gain = float((local[ok] / g[ok]).median()) if ok.any() else float("nan")
-        row = {"T": T, "global_s": t_global, "local_s": t_local, "median_radius_global": float(g.median()),
-               "median_radius_local": float(local.median()), "median_gain": gain}
+        row = {"T": T, "global_s": timed["global"][0], "local_s": timed["local"][0],
+               "global_cpu_s": timed["global"][1], "local_cpu_s": timed["local"][1],
+               "median_radius_global": float(g.median()), "median_radius_local": float(local.median()),
+               "median_gain": gain, "load_avg_1min": os.getloadavg()[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,

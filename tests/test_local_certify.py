@@ -326,10 +326,22 @@ def test_cached_and_chunked_attention_bound_equals_the_direct_one(trained):
     x = clean.inputs[1][0]
     e = torch.rand(3, 40, dtype=torch.float64) * 1e-2
     args = (x, e, clean.rope, clean.allowed, 4.0, 1e-13)
-    direct = attn.local_bound(*args, budget=1 << 30)
-    prepared = attn.local_prepare(x, clean.rope, clean.allowed, 1e-13)
-    cached = attn.local_bound(*args, budget=1 << 30, prepared=prepared)
-    chunked = attn.local_bound(*args, budget=1, prepared=prepared)   # one query row per chunk
-    assert torch.equal(direct, cached)
+    direct = attn.local_bound(*args, budget=1 << 30)                 # one chunk, recomputed
+    whole = attn.local_prepare(x, clean.rope, clean.allowed, 1e-13, rows=40)
+    assert torch.equal(attn.local_bound(*args, prepared=whole), direct)
     # chunks differ only in the rounding allowance η (it grows with the keys a chunk spans)
-    torch.testing.assert_close(chunked, direct, rtol=1e-9, atol=0)
+    for rows, keep in ((1, True), (7, True), (7, False)):
+        prepared = attn.local_prepare(x, clean.rope, clean.allowed, 1e-13, rows=rows, keep=keep)
+        torch.testing.assert_close(attn.local_bound(*args, prepared=prepared), direct, rtol=1e-9, atol=0)
+    torch.testing.assert_close(attn.local_bound(*args, budget=1), direct, rtol=1e-9, atol=0)
+
+
+def test_uncached_certification_gives_the_same_radii(trained, monkeypatch):
+    # Long texts of large models do not keep the per-text tensors (CACHE_BYTES): same radii.
+    import lipformer.local_certify as lc
+    ids = torch.tensor([IDS[:32]])
+    cached = local_radii(trained, ids)[2]
+    monkeypatch.setattr(lc, "CACHE_BYTES", 0)
+    clean = clean_pass(trained, ids)
+    assert isinstance(lc._prepared(trained, clean)[0]["steps"][0][3]["chunks"][0], tuple)
+    assert torch.equal(local_radii(trained, ids)[2], cached)
