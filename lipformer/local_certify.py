@@ -5,8 +5,10 @@ Lipschitz bound over the whole input ball. Here the bound is propagated along th
 activations instead (docs/lipschitz.md §9): for a trial ε, every token's ℓ2 radius around its
 computed activation is pushed through the blocks by the modules' `local_bound` methods, and
 position t is certified at ε when its final radius is below the distance from ĥ_t to the nearest
-decision boundary of the head. Every term grows with ε, so the radius is found by bisection; any
-ε that passes is sound by itself, and the largest one that passed is reported.
+decision boundary of the head. Every term grows with ε, so the radius is found by a search over
+ε (batched k-ary rounds, §9f); any ε that passes is sound by itself, and the largest one that
+passed is reported. What does not depend on ε (each block's clean scores, boxes and spreads) is
+computed once per text.
 """
 
 from __future__ import annotations
