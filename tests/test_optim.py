@@ -114,11 +114,13 @@ def test_gram_method_tracks_the_standard_one(cls):
     bf16_noise = (standard - out["standard", torch.float32]).norm()  # what bf16 alone changes
     assert not torch.equal(standard, gram)
     # measured (seeds 0-3): Muon's bf16 Gram trajectory is 0.7× as far from the float32 one as the
-    # standard bf16 one is; ROOT's 6-7× (its standard bf16 run is unusually close to float32), still
-    # < 5% of the distance travelled
-    assert (gram - standard).norm() < 8 * bf16_noise, ((gram - standard).norm(), bf16_noise)
+    # standard bf16 one is (4.5% of the distance travelled); ROOT's (clipped momentum: a spectrum
+    # the bf16 Gram rounding handles worse) 8-16× as far, 5-11% of the distance travelled — the plan
+    # before 2026-12-02 measured 5-15×; the fused bR + cR² (see _gram_quintic) 6-7×, 4-5%
+    noise, travel = (8, 0.06) if cls is Muon else (20, 0.15)
+    assert (gram - standard).norm() < noise * bf16_noise, ((gram - standard).norm(), bf16_noise)
     exact = out["standard", torch.float32]
-    assert (gram - exact).norm() < 0.06 * (exact - init).norm(), ((gram - exact).norm(), (exact - init).norm())
+    assert (gram - exact).norm() < travel * (exact - init).norm(), ((gram - exact).norm(), (exact - init).norm())
 
 
 def _with_top_sigma(m, n, top, seed):
