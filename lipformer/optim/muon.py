@@ -138,10 +138,10 @@ class Muon(CompanionOptimizer):
             (torch: √max(1, rows/cols)), "match_rms_adamw" (0.2·√max(rows, cols)).
         ns_dtype: dtype of the iteration (default bfloat16, as torch; None = the param's).
         ns_method: "auto" (default: the Gram-space iteration where it takes fewer flops, i.e.
-            aspect ratio ≳ 3, unless it would run in bf16, i.e. on CPU; "gram" opts in there, at
-            the cost of `step_bound`'s guarantee with Polar Express), "gram" or "standard" (torch's arithmetic: with CLASSIC
-            coefficients the trajectory is torch.optim.Muon's bit for bit). See
-            `lipformer.spectral.orthogonalize`.
+            aspect ratio ≳ 3, unless it would run in bf16, i.e. on CPU), "gram" (opts in there too,
+            at the cost of `step_bound`'s guarantee with Polar Express) or "standard" (torch's
+            arithmetic: with CLASSIC coefficients the trajectory is torch.optim.Muon's bit for
+            bit). See `lipformer.spectral.orthogonalize`.
         distributed: shard the orthogonalization across the ranks of `process_group`. None
             (default): on when a torch.distributed group with more than one rank is initialized at
             step time; True: required (error without a group); False: never. See below.

@@ -169,7 +169,8 @@ Method = str  # "auto" | "gram" | "standard"
 BF16_SEGMENT_GAIN = (48.0, 16.0)
 
 
-def gain_restarts(schedule: Sequence[Coefficients], caps: tuple[float, float] = BF16_SEGMENT_GAIN) -> tuple[int, ...]:
+def gain_restarts(schedule: Sequence[Coefficients],
+                  caps: tuple[float, float] = BF16_SEGMENT_GAIN) -> tuple[int, ...]:
     """Restart steps that keep each segment's ∏|a_k| within caps (first segment, later segments)."""
     restarts, gain, cap = [], 1.0, caps[0]
     for k, (a, _, _) in enumerate(schedule):
@@ -212,12 +213,13 @@ def gram_is_cheaper(rows: int, cols: int, steps: int, restarts: Sequence[int] = 
     segments = 1 + len([k for k in restarts if 0 < k < steps])
     standard = steps * (2 * r + 1)
     gram = 1.75 * r * segments + 4 * steps - 3 * segments
-    # a 20% margin: the n × n products run at a lower rate than the long ones, and the CPU bf16 plan
-    # is noisier than the standard iteration (ROOT + soft cap overshot its cap by 2% with 10%).
+    # a 20% margin: n × n products can run at a lower rate than the long ones (on an AMX CPU they
+    # do not: 1 restart measured 1.3-1.65× at r = 4 for a flop ratio of 1.53); bf16: `auto_picks_gram`
     return gram < 0.8 * standard
 
 
-def auto_picks_gram(rows: int, cols: int, steps: int, gram_dtype: torch.dtype, restarts: Sequence[int]) -> bool:
+def auto_picks_gram(rows: int, cols: int, steps: int, gram_dtype: torch.dtype,
+                    restarts: Sequence[int]) -> bool:
     """`method="auto"`: Gram where it is cheaper (`gram_is_cheaper`), except with the bf16 plan (CPU).
 
     `schedule_gain` (Muon's step bound, on which the soft cap's guarantee rests) allows 5% above the
@@ -280,7 +282,8 @@ def orthogonalize(
     gram_dtype, planned = gram_plan(X.dtype, X.device, steps, coefficients)
     restarts = planned if restarts is None else tuple(restarts)
     if method == "auto":  # never bf16 Gram: see `auto_picks_gram`
-        method = "gram" if auto_picks_gram(X.size(-2), X.size(-1), steps, gram_dtype, restarts) else "standard"
+        gram = auto_picks_gram(X.size(-2), X.size(-1), steps, gram_dtype, restarts)
+        method = "gram" if gram else "standard"
     if method == "gram" and _can_fold_norm(X, raw, gram_dtype):  # 1/norm rides in R_0 and the first P
         X = _gram_quintic(X.to(gram_dtype), schedule, restarts, scale=norm.float().reciprocal()).to(X.dtype)
     elif method == "gram":
