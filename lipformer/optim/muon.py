@@ -5,7 +5,9 @@ ns_steps, eps and adjust_lr_fn=None/"original"/"match_rms_adamw") and with ns_me
 follows torch's trajectory bit for bit: the momentum uses torch's `lerp` form and
 `spectral.orthogonalize` runs the same bf16 fused `addmm` iteration as torch's
 `_zeropower_via_newtonschulz`. The default ns_method="auto" runs the same polynomials in Gram space
-for matrices with aspect ratio ≳ 3 (fewer flops; equal up to bf16 rounding).
+for matrices with aspect ratio ≳ 3 (fewer flops; equal up to rounding) where the Gram iteration runs
+in float16 or float32 (CUDA, or ns_dtype=float32); with the CPU's bf16 plan it stays standard, because
+the bf16 Gram output can pass `step_bound` (`spectral.newton_schulz.auto_picks_gram`).
 
 On top of that it knows how large its update can be (`step_bound`), which the soft cap's
 coupling needs: the orthogonalized matrix has singular values p_K∘…∘p_1(x) for inputs x ∈ [0, 1]
@@ -136,9 +138,10 @@ class Muon(CompanionOptimizer):
             (torch: √max(1, rows/cols)), "match_rms_adamw" (0.2·√max(rows, cols)).
         ns_dtype: dtype of the iteration (default bfloat16, as torch; None = the param's).
         ns_method: "auto" (default: the Gram-space iteration where it takes fewer flops, i.e.
-            aspect ratio ≳ 3), "gram" or "standard" (torch's arithmetic: with CLASSIC
-            coefficients the trajectory is torch.optim.Muon's bit for bit). See
-            `lipformer.spectral.orthogonalize`.
+            aspect ratio ≳ 3, unless it would run in bf16, i.e. on CPU), "gram" (opts in there too,
+            at the cost of `step_bound`'s guarantee with Polar Express) or "standard" (torch's
+            arithmetic: with CLASSIC coefficients the trajectory is torch.optim.Muon's bit for
+            bit). See `lipformer.spectral.orthogonalize`.
         distributed: shard the orthogonalization across the ranks of `process_group`. None
             (default): on when a torch.distributed group with more than one rank is initialized at
             step time; True: required (error without a group); False: never. See below.

@@ -17,7 +17,7 @@ RMS→RMS norm `sqrt(d_in/d_out)·σ_max` convert first (see `lipformer.nn.Cappe
 
 from .caps import (CAP_SCHEDULE, MIT_HARD_CAP, U_MONOTONE, hard_cap, resolve_cap_method, soft_cap,
                    soft_cap_alpha, soft_cap_map, spectral_hammer, spectral_normalize, spectral_weight_decay)
-from .newton_schulz import (CLASSIC, POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, POLISH, Coefficients, Schedule,
-                            coefficient_schedule, gram_is_cheaper, gram_plan, orthogonalize)
+from .newton_schulz import (BF16_SEGMENT_GAIN, CLASSIC, POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, POLISH, Coefficients, Schedule,
+                            auto_picks_gram, coefficient_schedule, gain_restarts, gram_is_cheaper, gram_plan, orthogonalize)
 from .sigma import (GRAM_ITERS, gamma, row_norm_upper, sigma_estimate, sigma_upper, sigma_upper_gram,
                     top_singular_triplet)

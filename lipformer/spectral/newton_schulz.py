@@ -5,7 +5,7 @@ coefficient schedules are named as in their papers (REFERENCES.md). Two ways to 
 polynomials: the standard iteration on X (torch.optim.Muon's arithmetic, bit for bit) and the Gram
 iteration on the n × n matrix XXᵀ (fewer flops for long rectangles; the idea of Dao lab's Gram
 Newton–Schulz, written here from the identity X_k = P_k(XXᵀ)·X_0), chosen by `orthogonalize`'s
-`method` ("auto": by `gram_is_cheaper`, with the device's precision plan `gram_plan`).
+`method` ("auto": by `auto_picks_gram`, with the device's precision plan `gram_plan`).
 """
 
 from __future__ import annotations
@@ -91,55 +91,99 @@ def _odd_quintic(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     return X.reshape(*lead, *X.shape[-2:])
 
 
-def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequence[int] = ()) -> Tensor:
+def _sym_gram(X: Tensor) -> Tensor:
+    """X Xᵀ from its upper block rows: the top half of the rows against all of X, the bottom-right block,
+    and the bottom-left block as the transpose of the top-right one — 3/4 of the multiply-adds of a full
+    product, and exactly symmetric (rounding in a full product is not)."""
+    n = X.size(-2)
+    if n < 64:
+        return X @ X.mT
+    h = n // 2
+    R = X.new_empty(*X.shape[:-1], n)
+    torch.matmul(X[..., :h, :], X.mT, out=R[..., :h, :])
+    R[..., h:, h:] = X[..., h:, :] @ X[..., h:, :].mT
+    R[..., h:, :h] = R[..., :h, h:].mT
+    return R
+
+
+def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequence[int] = (),
+                  scale: Tensor | None = None) -> Tensor:
     """The same odd quintics as `_odd_quintic`, iterated on the n × n Gram matrix (X is n × m, n ≤ m).
 
-    Each step multiplies X on the left by q_k(R_k) = a_k I + b_k R_k + c_k R_k², R_k = X_k X_kᵀ, so
-    X_K = P·X_0 with P = q_{K-1}(R_{K-1})···q_0(R_0), and since q_k(R_k) is a polynomial in R_k it
-    commutes with it: R_{k+1} = q_k R_k q_k. Only the first Gram R_0 = X_0X_0ᵀ and the final P·X_0
-    touch the long side m; every step in between costs four n × n products (R², R·q, q·(Rq), q·P)
-    instead of two n × n × m ones and one n × n, which wins once m ≳ 2n.
+    Each step multiplies X on the left by q_k(R_k) = a_k I + Z_k, Z_k = b_k R_k + c_k R_k², R_k = X_k X_kᵀ,
+    so X_K = P·X_0 with P = q_{K-1}(R_{K-1})···q_0(R_0), and since q_k(R_k) is a polynomial in R_k it
+    commutes with it: R_{k+1} = q_k R_k q_k. Only the Gram R_0 = X_0X_0ᵀ and the final P·X_0 touch the
+    long side m; every step in between costs four n × n products (R², qR, q(qR), qP; the first step of
+    a segment has P = q free, the last skips R) instead of two n × n × m ones and one n × n, which wins
+    once m ≳ 2n. q is formed once (its a only on the diagonal), so the products are bare matmuls.
 
-    The recursion for R never looks at X again, so rounding in R and P compounds, and P grows like
-    the product of the a_k (≈ 1/σ for the smallest σ of X_0): in bf16 a relative error of 2⁻⁸ in a P
-    of size 40 is a visible error in P·X_0. A restart before step k (k in `restarts`) forms
-    X_k = P·X_0 and its Gram afresh, resetting that growth at the cost of one extra n × n × m pair.
+    The recursion for R never looks at X again, so rounding in R and P compounds, and P grows like the
+    product of the a_k (its value on the null space of R): in bf16 a relative error of 2⁻⁸ in a P of
+    size 40 is a visible error in P·X_0. A restart before step k (k in `restarts`, see `gram_plan`)
+    forms X_k = P·X_0 and its Gram afresh, resetting that growth at the cost of one extra n × n × m pair.
 
-    Plain matmuls plus `torch.add(·, alpha=)` rather than addmm(beta, alpha): on CPU, bf16 addmm with
-    a scaled input runs about half as fast as a bare matmul at these sizes.
+    `scale` (optional, one per matrix): iterate on scale·X without forming it — R_0 and the first P
+    carry the factor, which saves an elementwise pass over the long side.
     """
     lead = X.shape[:-2]
     if X.ndim > 3:
         X = X.reshape(-1, *X.shape[-2:])
-    R = X @ X.mT
-    P = None  # None stands for the identity since the last (re)start
+        scale = scale.reshape(-1, 1, 1) if scale is not None and scale.ndim else scale
+    R = _sym_gram(X)
+    if scale is not None:
+        scale = scale.float()
+        R.mul_(scale * scale)
+    P = None  # None stands for scale·I since the last (re)start
     last = len(schedule) - 1
     for k, (a, b, c) in enumerate(schedule):
         if k in restarts and P is not None:
             X = P @ X
-            R = X @ X.mT
-            P = None
-        update = torch.add(R @ R, R, alpha=b / c).mul_(c) if c != 0 else R * b  # q(R) − aI
-        if P is None:
-            P = update.clone()
-            P.diagonal(dim1=-2, dim2=-1).add_(a)
-        else:
-            P = torch.add(update @ P, P, alpha=a)
+            R = _sym_gram(X)
+            P, scale = None, None
+        # q(R) = c(R² + (b/c)R) + aI, then bare products q(qR) and qP (one rounding each). Measured
+        # against one fused addmm for bR + cR² (bf16, classic, Gaussian 768 × 3072): the output is
+        # closer to exact arithmetic (relative Frobenius error 0.015 vs 0.018; torch's standard
+        # iteration 0.010) and max |σ − 1| is 0.306 vs 0.326 (exact 0.318, torch 0.319); the fused
+        # form tracks float32 better on ROOT's clipped momenta (tests/test_optim.py).
+        Q = torch.add(R @ R, R, alpha=b / c).mul_(c) if c != 0 else R * b
+        Q.diagonal(dim1=-2, dim2=-1).add_(a)
         if k < last and k + 1 not in restarts:  # a restart re-forms R from X anyway
-            # R ← q R q; the mean with the transpose keeps R exactly symmetric (rounding breaks
-            # the commuting of q and R otherwise, and the error would compound step to step).
-            RQ = torch.add(update @ R, R, alpha=a)
-            R = torch.add(update @ RQ, RQ, alpha=a)
-            R = (R + R.mT).mul_(0.5)
+            R = Q @ (Q @ R)
+        if P is None:
+            P = Q.mul_(scale) if scale is not None else Q
+        else:
+            P = Q @ P
     X = P @ X
     return X.reshape(*lead, *X.shape[-2:])
 
 
 Method = str  # "auto" | "gram" | "standard"
 
+# How much P may grow (∏ a_k over a segment, its norm on R's null space) before bf16 Gram needs a
+# restart: the first segment starts from X_0 (σ ≤ 1, usually far less), later ones from X_k with
+# σ_max ≈ 1, so they get less. Fitted on tests/test_spectral.py's condition-number sweep (cond 1 to
+# 1e6, classic and Polar Express, 3 seeds): classic 5 steps → one restart, before step 3 (segments
+# 3.4³ ≈ 41 and 3.4² ≈ 12), as accurate as the standard bf16 iteration; a restart before step 2
+# instead (segments 12 and 41) is 10× worse than standard at cond 1e2. Polar Express → before 2
+# and 4 (33, 13, 2.3); one restart before 3 (128, 7.7) is 10× worse.
+BF16_SEGMENT_GAIN = (48.0, 16.0)
 
-def gram_plan(dtype: torch.dtype, device: torch.device, steps: int) -> tuple[torch.dtype, tuple[int, ...]]:
-    """(dtype, restarts) the Gram iteration uses for a `dtype` input on `device`.
+
+def gain_restarts(schedule: Sequence[Coefficients],
+                  caps: tuple[float, float] = BF16_SEGMENT_GAIN) -> tuple[int, ...]:
+    """Restart steps that keep each segment's ∏|a_k| within caps (first segment, later segments)."""
+    restarts, gain, cap = [], 1.0, caps[0]
+    for k, (a, _, _) in enumerate(schedule):
+        if k and gain * abs(a) > cap:
+            restarts.append(k)
+            gain, cap = 1.0, caps[1]
+        gain *= abs(a)
+    return tuple(restarts)
+
+
+def gram_plan(dtype: torch.dtype, device: torch.device, steps: int,
+              coefficients: Schedule = "polar_express") -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, restarts) the Gram iteration uses for a `dtype` input on `device` and this schedule.
 
     Measured against SVD (tests/test_spectral.py, docs/benchmarks.md): with no restart, half
     precision breaks on ill-conditioned inputs (cond ≳ 1e2: σ up to 1.6 for classic, up to 30 for
@@ -147,31 +191,56 @@ def gram_plan(dtype: torch.dtype, device: torch.device, steps: int) -> tuple[tor
     lifts those directions by ∏a_k. Float16 (2⁻¹¹) with one restart before step 2 — Dao lab's choice
     — is as accurate as the standard bf16 iteration from cond 3 to 1e6; it is the plan on CUDA
     (float16 runs at bf16 speed there; every R ≤ 1.5 and P ≤ ∏a ≈ 40 per segment fit its range).
-    CPUs run float16 matmuls ~100× slower than bf16, and bf16 (2⁻⁸) needs two restarts (before
-    steps 2 and 4) to match the standard iteration; one restart (before step 3) is enough for σ but
-    mixes singular vectors by up to 0.9 with Polar Express at cond 1e2. Float32 needs none.
+    CPUs run float16 matmuls ~100× slower than bf16, so bf16 (2⁻⁸) restarts where the segment's
+    growth ∏a_k would pass `BF16_SEGMENT_GAIN` (`gain_restarts`): classic 5 steps (3,), Polar
+    Express (2, 4). The default `coefficients` is the schedule that needs the most. Float32: none.
     """
     if dtype not in (torch.bfloat16, torch.float16):
         return dtype, ()
     if device.type == "cuda":
         return torch.float16, tuple(k for k in (2,) if k < steps)
-    return torch.bfloat16, tuple(k for k in (2, 4) if k < steps)
+    return torch.bfloat16, gain_restarts(coefficient_schedule(coefficients, steps))
 
 
 def gram_is_cheaper(rows: int, cols: int, steps: int, restarts: Sequence[int] = ()) -> bool:
     """Does the Gram iteration take fewer multiply-adds than the standard one for a rows × cols X?
 
-    In units of n³ (n = min side, r = max/min ≥ 1): standard K(2r + 1); Gram 2r(1 + restarts) plus
-    about 4 n³ per step (R², Rq, q(Rq), qP) less the products the first and last steps skip.
+    In units of n³ (n = min side, r = max/min ≥ 1): standard K(2r + 1); Gram per segment one X Xᵀ
+    (3r/4, `_sym_gram`) and one P·X (r), plus 4 n³ per step less 3 per segment (`_gram_quintic`).
     """
     n, m = sorted((rows, cols))
     r = m / n
-    restarts = [k for k in restarts if 0 < k < steps]
+    segments = 1 + len([k for k in restarts if 0 < k < steps])
     standard = steps * (2 * r + 1)
-    gram = 2 * r * (1 + len(restarts)) + 4 * steps - 4 - len(restarts)
-    # a 20% margin: the n × n products run at a lower rate than the long ones, and the CPU bf16 plan
-    # is noisier than the standard iteration (ROOT + soft cap overshot its cap by 2% with 10%).
+    gram = 1.75 * r * segments + 4 * steps - 3 * segments
+    # a 20% margin: n × n products can run at a lower rate than the long ones (on an AMX CPU they
+    # do not: 1 restart measured 1.3-1.65× at r = 4 for a flop ratio of 1.53); bf16: `auto_picks_gram`
     return gram < 0.8 * standard
+
+
+def auto_picks_gram(rows: int, cols: int, steps: int, gram_dtype: torch.dtype,
+                    restarts: Sequence[int]) -> bool:
+    """`method="auto"`: Gram where it is cheaper (`gram_is_cheaper`), except with the bf16 plan (CPU).
+
+    `schedule_gain` (Muon's step bound, on which the soft cap's guarantee rests) allows 5% above the
+    polynomial's peak for rounding. The standard bf16 iteration stays below the peak and so do the
+    float16 and float32 Gram iterations, but the bf16 Gram one does not for Polar Express: up to
+    1.15× the peak on random 32 × 96 inputs (tests/test_optim.py). Classic stays below it, but the
+    margin is a measured one and a schedule-dependent choice would be fragile, so "auto" keeps the
+    standard iteration wherever the Gram one would run in bf16; method="gram" is there to opt in.
+    """
+    return gram_dtype != torch.bfloat16 and gram_is_cheaper(rows, cols, steps, restarts)
+
+
+def _can_fold_norm(X: Tensor, norm: Tensor, gram_dtype: torch.dtype) -> bool:
+    """May the Gram path skip scaling X (an elementwise pass over the long side, ~4% of its CPU time)?
+
+    Only on CPU (the check reads the norm, a sync on an accelerator), in a wide-range dtype, and when
+    R_0 = X Xᵀ stays far from under/overflow (entries ~ ‖X‖²; at ‖X‖ = 1e-20 it would flush to zero).
+    """
+    if X.device.type != "cpu" or torch.float16 in (X.dtype, gram_dtype):
+        return False
+    return bool(((norm > 2.0 ** -40) & (norm < 2.0 ** 40)).all())  # ‖X‖² within 2^±80
 
 
 def orthogonalize(
@@ -193,7 +262,8 @@ def orthogonalize(
 
     `method`: "standard" iterates on X itself (bit-identical to torch.optim.Muon's Newton–Schulz
     for the classic schedule), "gram" on the n × n Gram matrix (`_gram_quintic`: same polynomials,
-    fewer flops for rectangular X), "auto" (default) picks "gram" where `gram_is_cheaper`.
+    fewer flops for rectangular X), "auto" (default) picks "gram" where `auto_picks_gram` (cheaper,
+    and not in bf16: on CPU "auto" is "standard").
     `restarts`: steps before which the Gram iteration re-forms X (default: `gram_plan`, which also
     picks its dtype: float16 on CUDA for a bf16/half working dtype, the working dtype elsewhere).
     """
@@ -207,16 +277,19 @@ def orthogonalize(
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    norm = torch.linalg.matrix_norm(X, keepdim=True) if X.ndim > 2 else X.norm()
-    X = X / (norm * safety).clamp(min=eps) if safety != 1.0 else X / norm.clamp(min=eps)
-    gram_dtype, planned = gram_plan(X.dtype, X.device, steps)
+    raw = torch.linalg.matrix_norm(X, keepdim=True) if X.ndim > 2 else X.norm()
+    norm = (raw * safety).clamp(min=eps) if safety != 1.0 else raw.clamp(min=eps)
+    gram_dtype, planned = gram_plan(X.dtype, X.device, steps, coefficients)
     restarts = planned if restarts is None else tuple(restarts)
-    if method == "auto":
-        method = "gram" if gram_is_cheaper(X.size(-2), X.size(-1), steps, restarts) else "standard"
-    if method == "gram":
-        X = _gram_quintic(X.to(gram_dtype), schedule, restarts).to(X.dtype)
+    if method == "auto":  # never bf16 Gram: see `auto_picks_gram`
+        gram = auto_picks_gram(X.size(-2), X.size(-1), steps, gram_dtype, restarts)
+        method = "gram" if gram else "standard"
+    if method == "gram" and _can_fold_norm(X, raw, gram_dtype):  # 1/norm rides in R_0 and the first P
+        X = _gram_quintic(X.to(gram_dtype), schedule, restarts, scale=norm.float().reciprocal()).to(X.dtype)
+    elif method == "gram":
+        X = _gram_quintic((X / norm).to(gram_dtype), schedule, restarts).to(X.dtype)
     else:
-        X = _odd_quintic(X, schedule)
+        X = _odd_quintic(X / norm, schedule)
     if tall:
         X = X.mT
     return X.to(out_dtype or G.dtype)
