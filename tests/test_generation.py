@@ -192,7 +192,9 @@ def test_resize_token_embeddings_keeps_old_tokens_and_the_caps(model, prompts):
     before = m(ids).logits
     m.resize_token_embeddings(60)
     assert m.config.vocab_size == 60 and m.model.embed.weight.shape[0] == 60 and m.head.weight.shape[0] == 60
-    torch.testing.assert_close(m(ids).logits[..., :48], before, rtol=0, atol=0)
+    # the same function of the old tokens; not bitwise: a 60-row head product blocks (and rounds)
+    # differently from a 48-row one on some thread counts
+    torch.testing.assert_close(m(ids).logits[..., :48], before, rtol=1e-5, atol=1e-5)
     head = m.head.weight.double()  # new rows inside the caps (exact σ; the init sits at the cap)
     assert m.head.rms_scale * torch.linalg.svdvals(head)[0] <= m.head.w_max * (1 + 1e-6)
     assert m.model.embed.weight.double().pow(2).mean(-1).sqrt().max() <= m.model.embed.w_max * (1 + 1e-6)
