@@ -41,13 +41,14 @@ MIT_RECIPE = CAPS1 + ["model.constraint=normalize", "model.zero_init=true", "tra
                       "train.lr=9", "train.companion=colnorm", "train.companion_lr=9", "train.schedule=linear",
                       "train.warmup_steps=0", "train.optimizer_args.momentum=0.9",
                       "train.optimizer_args.nesterov=false"]
+C20VO4 = ["model.softmax_scale=20", "model.w_max.v=4", "model.w_max.o=4"]
 POINTS = {
     "preset": [],                                           # q, k caps 0.5: sound L ≈ 1.5
     "caps1": CAPS1,                                         # MIT's caps-1.0 point: sound L ≈ 5
     "caps1-mit-recipe": MIT_RECIPE,                         # + modula allocation, zero init, lr 9, normalize
     "caps2": [f"model.w_max.{k}=2" for k in ("q", "k", "v", "o", "mlp_in", "mlp_out")],
     "c8-mlpin4": ["model.softmax_scale=8", "model.w_max.mlp_in=4"],
-    "c20-vo4": ["model.softmax_scale=20", "model.w_max.v=4", "model.w_max.o=4"],
+    "c20-vo4": C20VO4,
     "c4-alpha0.5": CAPS1 + ["model.softmax_scale=4", "model.residual_alpha=0.5"],
     "caps1-margin1e-2": CAPS1 + ["train.objective=margin_global", "train.eps=0.01"],
     "caps1-margin3e-2": CAPS1 + ["train.objective=margin_global", "train.eps=0.03"],
@@ -58,11 +59,20 @@ POINTS = {
     "caps1-mit-recipe-margin1e-2": MIT_RECIPE + ["train.objective=margin_global", "train.eps=0.01"],
     "preset-margin1e-2": ["train.objective=margin_global", "train.eps=0.01"],
     "unconstrained-adamw": ["model.constraint=none", "train.optimizer=adamw", "train.lr=3e-3"],
+    # certified training against the local certificate (training/local_surrogate.py)
+    "caps1-local1e-2": CAPS1 + ["train.objective=margin_local", "train.eps=0.01"],
+    "c20-vo4-global1e-2": C20VO4 + ["train.objective=margin_global", "train.eps=0.01"],
+    "c20-vo4-local1e-3": C20VO4 + ["train.objective=margin_local", "train.eps=0.001"],
+    "c20-vo4-local1e-2": C20VO4 + ["train.objective=margin_local", "train.eps=0.01"],
+    "c20-vo4-local3e-2": C20VO4 + ["train.objective=margin_local", "train.eps=0.03"],
+    "c20-vo4-local1e-2-ramp": C20VO4 + ["train.objective=margin_local", "train.eps=0.01", "train.eps_warmup=100"],
+    "c20-local1e-2": ["model.softmax_scale=20", "train.objective=margin_local", "train.eps=0.01"],
+    "c20": ["model.softmax_scale=20"],
 }
 
 
 @torch.no_grad()
-def certify_model(model, val, batches: int) -> dict:
+def certify_model(model, val, batches: int, local_sequences: int = 0) -> dict:
     """Accuracy, certified-and-correct fractions at EPS and the median radius on fixed val batches."""
     from lipformer import certify
 
@@ -77,15 +87,40 @@ def certify_model(model, val, batches: int) -> dict:
         pred, _, radius = certify.radii_from_hidden(hidden, m64.head.weight, bounds)
         correct.append(pred == y.reshape(-1))
         radii.append(radius)
-    val.load_state_dict(state)
     ok, r = torch.cat(correct), torch.cat(radii)
-    return {"val_acc": float(ok.double().mean()), "positions": ok.numel(),
-            "certified": {f"{e:g}": float((ok & (r >= e)).double().mean()) for e in EPS},
-            "median_radius": float(r.median()), "sound_L": bounds.total, "sound_L_body": bounds.body,
-            "mit_L_NOT_SOUND": mit_lipschitz(m64)}
+    row = {"val_acc": float(ok.double().mean()), "positions": ok.numel(),
+           "certified": {f"{e:g}": float((ok & (r >= e)).double().mean()) for e in EPS},
+           "median_radius": float(r.median()), "sound_L": bounds.total, "sound_L_body": bounds.body,
+           "mit_L_NOT_SOUND": mit_lipschitz(m64)}
+    if local_sequences:
+        row.update(certify_best(m64, val, bounds, local_sequences))
+    val.load_state_dict(state)
+    return row
 
 
-def train_point(name: str, steps: int, out: Path, full: bool, batches: int) -> dict:
+@torch.no_grad()
+def certify_best(m64, val, bounds, sequences: int) -> dict:
+    """The best sound radius (max of local and global, docs/lipschitz.md §9) on the first
+    `sequences` val sequences: certified-and-correct at EPS, median radius, accuracy there."""
+    from lipformer import certify
+
+    val.reset()
+    right, best, local, seconds = [], [], [], time.time()
+    while len(right) < sequences:
+        x, y = val.next_batch()
+        for row in range(min(x.size(0), sequences - len(right))):
+            certs = certify.certify_tokens(m64, x[row].tolist(), bounds, method="best")
+            right.append(torch.tensor([c.prediction for c in certs]) == y[row])
+            best.append(torch.tensor([c.radius for c in certs]))
+            local.append(torch.tensor([c.radius_local for c in certs]))
+    ok, r, rl = torch.cat(right), torch.cat(best), torch.cat(local)
+    return {"best_positions": ok.numel(), "best_val_acc": float(ok.double().mean()),
+            "certified_best": {f"{e:g}": float((ok & (r >= e)).double().mean()) for e in EPS},
+            "median_radius_best": float(r.median()), "median_radius_local": float(rl.median()),
+            "certify_best_seconds": time.time() - seconds}
+
+
+def train_point(name: str, steps: int, out: Path, full: bool, batches: int, local_sequences: int = 0) -> dict:
     from lipformer import LipformerForCausalLM
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import open_data, run
@@ -99,7 +134,7 @@ def train_point(name: str, steps: int, out: Path, full: bool, batches: int) -> d
     model = LipformerForCausalLM.from_pretrained(out / name / "final")
     _, val, _, _ = open_data(recipe)
     return {"name": name, "overrides": POINTS[name], "steps": steps, "full_size": full,
-            "seconds_per_step": seconds / steps, **certify_model(model, val, batches)}
+            "seconds_per_step": seconds / steps, **certify_model(model, val, batches, local_sequences)}
 
 
 def bench(steps: int = 10) -> dict:
@@ -113,22 +148,25 @@ def bench(steps: int = 10) -> dict:
 
     recipe = load_recipe(preset="shakespeare-char", overrides=PROXY + CAPS1)
     train, _, _, vocab = open_data(recipe)
-    times = {"ce": [], "margin_global": []}
+    names = ("ce", "margin_global", "margin_local")
+    times = {n: [] for n in names}
     torch.manual_seed(0)
     model = LipformerForCausalLM(LipformerConfig(**{**recipe.model, "vocab_size": vocab}))
     par = Parallel.for_run(model, "ddp", torch.device("cpu"))
     opt, sched = build_optimizer_for(model, recipe.train)
     project = SpectralProjection(model, opt)
-    objectives = {"ce": None, "margin_global": Objective("margin_global", 0.01)}
-    for i in range(2 * steps + 2):
-        name = "ce" if i % 2 == 0 else "margin_global"
+    objectives = {"ce": None, "margin_global": Objective("margin_global", 0.01),
+                  "margin_local": Objective("margin_local", 0.01)}
+    for i in range(len(names) * (steps + 1)):
+        name = names[i % len(names)]
         t0 = time.perf_counter()
         train_step(par, train, opt, sched, project, recipe.train, i, Path("."), objectives[name])
-        if i >= 2:  # the first two warm up (and cold-start the power iteration)
+        if i >= len(names):  # the first round warms up (and cold-starts the power iteration)
             times[name].append(time.perf_counter() - t0)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return {"seconds_per_step_median": med, "ratio_margin_over_ce": med["margin_global"] / med["ce"],
-            "steps_each": steps, "threads": torch.get_num_threads()}
+            "ratio_local_over_ce": med["margin_local"] / med["ce"], "steps_each": steps,
+            "threads": torch.get_num_threads()}
 
 
 def report(out: Path) -> None:
@@ -176,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="the preset's full size instead of the d 128 proxy")
     p.add_argument("--batches", type=int, default=8, help="val batches for accuracy and certificates")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--local-sequences", type=int, default=0,
+                   help="also certify this many val sequences with the best (local or global) radius")
     p.add_argument("--bench", action="store_true")
     p.add_argument("--report", action="store_true")
     a = p.parse_args(argv)
@@ -193,7 +233,7 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     for name in a.points.split(","):
-        row = train_point(name, a.steps, out, a.full, a.batches)
+        row = train_point(name, a.steps, out, a.full, a.batches, a.local_sequences)
         print(json.dumps(row), flush=True)
         with open(out / "front.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
