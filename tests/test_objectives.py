@@ -121,6 +121,8 @@ def test_recipe_objective_checks():
     assert r.train.objective == "margin_local" and r.train.eps_warmup == 50
     with pytest.raises(RecipeError):
         load_recipe(preset="tiny", overrides=["train.eps_warmup=-1"])
+    with pytest.raises(RecipeError):
+        load_recipe(preset="tiny", overrides=["train.margin_weight=2"])
 
 
 def _loop_recipe(tmp_path, steps):
@@ -305,6 +307,16 @@ def test_margin_local_needs_the_recorded_forward_and_ramps_eps(sharp):
     with plain.recording(model):
         logits = model(ids).logits
     assert torch.allclose(ramped, plain(model, logits, ids))
+    # margin_weight w mixes (1 − w)·CE + w·margin
+    half = Objective("margin_local", 0.01, weight=0.5)
+    with half.recording(model):
+        logits = model(ids).logits
+    with plain.recording(model):
+        model(ids)
+    mixed = 0.5 * Objective("ce")(model, logits, ids) + 0.5 * plain(model, logits, ids)
+    assert torch.allclose(half(model, logits, ids), mixed)
+    with pytest.raises(ValueError):
+        Objective("margin_local", 0.01, weight=1.5)
 
 
 def test_margin_local_trains_through_the_loop(tmp_path):

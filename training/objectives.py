@@ -15,6 +15,8 @@
                    the forward records through hooks (`Objective.recording`). It rewards confident
                    attention far from ties instead of forcing the score range down.
 
+The margin loss may be mixed with plain cross-entropy, (1 − w)·CE(z) + w·CE(z̃) (`margin_weight`
+w, IBP's κ), so that the clean prediction keeps a direct signal while the bound is far too large.
 ε_train may be ramped linearly from 0 over the first `eps_warmup` steps (GloRo / IBP practice: a
 full-size margin from step 0 pushes a model at init toward the trivial constant predictor).
 
@@ -121,14 +123,17 @@ class Objective:
     inside `with objective.recording(model):` (a no-op for the other objectives).
     """
 
-    def __init__(self, name: str = "ce", eps: float = 0.0, power_iters: int = 12, eps_warmup: int = 0):
+    def __init__(self, name: str = "ce", eps: float = 0.0, power_iters: int = 12, eps_warmup: int = 0,
+                 weight: float = 1.0):
         if name not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
         if name == "margin_local" and not local_available():
             raise ValueError("objective 'margin_local' needs the local certificate (lipformer.local_certify), "
                              "which this lipformer does not have; use 'margin_global'")
         self.name, self.eps, self.power = name, float(eps), PowerSigma(power_iters)
-        self.eps_warmup = int(eps_warmup)
+        self.eps_warmup, self.weight = int(eps_warmup), float(weight)
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"margin weight must be in [0, 1], got {weight}")
         self._seen = None
 
     def eps_at(self, step: int | None) -> float:
@@ -161,7 +166,11 @@ class Objective:
             from .local_surrogate import local_deviation
             seen, self._seen = self._seen, None   # one loss per recorded forward; frees the activations
             e = local_deviation(model, seen, eps, self.power.sigma)
-        return bottom_logit_loss(logits, targets, model.head.weight, e)
+        margin = bottom_logit_loss(logits, targets, model.head.weight, e)
+        if self.weight == 1.0:
+            return margin
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return (1 - self.weight) * ce + self.weight * margin
 
 
 __all__ = ["OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "local_available"]
