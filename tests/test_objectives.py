@@ -116,9 +116,13 @@ def test_recipe_objective_checks():
     for bad in (["train.objective=hinge"], ["train.eps=-1"]):
         with pytest.raises(RecipeError):
             load_recipe(preset="tiny", overrides=bad)
-    if not local_available():
-        with pytest.raises(RecipeError, match="local certificate"):
-            load_recipe(preset="tiny", overrides=["train.objective=margin_local"])
+    assert local_available()
+    r = load_recipe(preset="tiny", overrides=["train.objective=margin_local", "train.eps=0.01", "train.eps_warmup=50"])
+    assert r.train.objective == "margin_local" and r.train.eps_warmup == 50
+    with pytest.raises(RecipeError):
+        load_recipe(preset="tiny", overrides=["train.eps_warmup=-1"])
+    with pytest.raises(RecipeError):
+        load_recipe(preset="tiny", overrides=["train.margin_weight=2"])
 
 
 def _loop_recipe(tmp_path, steps):
@@ -156,3 +160,169 @@ def test_margin_training_resumes_bit_identically(tmp_path):
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- margin_local: the differentiable surrogate of the local deviation bound ----------------------
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n")
+VOCAB = sorted(set(TEXT))
+IDS = [VOCAB.index(ch) for ch in TEXT]
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """A small model whose attention is sharp (c = 8), trained 40 AdamW steps with the hard cap: the
+    regime where local and global bounds differ by orders of magnitude."""
+    from lipformer.constraints import SpectralProjection
+
+    torch.manual_seed(0)
+    model = LipformerForCausalLM(LipformerConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, max_position_embeddings=64,
+                                                 softmax_scale=8.0, w_max={"head": 4.0}))
+    ids = torch.tensor([IDS[:64]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    project = SpectralProjection(model, opt)
+    for _ in range(40):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        project()
+    return certify.float64_copy(model)
+
+
+def surrogate(model, ids, eps, sigma=exact_sigma, **kw):
+    from lipformer.training.local_surrogate import local_deviation, recording
+
+    with recording(model) as seen:
+        model(ids, use_cache=False, **kw)
+    return local_deviation(model, seen, eps, sigma)
+
+
+def test_local_surrogate_equals_the_sound_local_bound_with_exact_sigmas(sharp):
+    """Same recursion as local_certify.final_radii: with exact σ's in float64 the two differ only by
+    the sound one's rounding allowances and σ upper bounds (≤ 1e-3 relative), from below."""
+    from lipformer.local_certify import clean_pass, final_radii
+
+    ids = torch.tensor([IDS[:40], IDS[40:80]])
+    global_e = None
+    for eps in (1e-4, 1e-2, 1e-1):
+        e = surrogate(sharp, ids, eps).detach()
+        for b in range(2):
+            sound = final_radii(sharp, clean_pass(sharp, ids[b:b + 1]), torch.tensor([eps], dtype=torch.float64))[0]
+            assert (e[b] <= sound * (1 + 1e-9)).all()
+            assert torch.allclose(e[b], sound, rtol=1e-3, atol=0)
+        global_e = math.sqrt(32) * sharp.bounds().body * eps
+    assert float(e.median()) < global_e / 3   # the local bound is the point: far below √d·L·ε
+
+
+def test_local_surrogate_covers_padding_like_the_sound_bound(sharp):
+    from lipformer.local_certify import clean_pass, final_radii
+
+    ids = torch.tensor([IDS[:24]])
+    mask = torch.ones(1, 24, dtype=torch.long)
+    mask[0, :5] = 0
+    e = surrogate(sharp, ids, 1e-2, attention_mask=mask).detach()[0]
+    sound = final_radii(sharp, clean_pass(sharp, ids, mask), torch.tensor([1e-2], dtype=torch.float64))[0]
+    assert torch.allclose(e[5:], sound[5:], rtol=1e-3, atol=0)
+
+
+def _pgd(f, x0, radius, t, steps=15, seed=0):
+    """Largest ‖f(x0 + δ)_t − f(x0)_t‖₂ found by projected gradient ascent, ‖δ_s‖₂ ≤ radius."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(seed)
+    base = f(x0).detach()[t]
+    project = lambda d: d * torch.clamp(radius / d.norm(dim=-1, keepdim=True).clamp(min=1e-300), max=1.0)  # noqa: E731
+    delta, best = project(torch.randn(x0.shape, generator=g, dtype=x0.dtype)), 0.0
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+        for i in range(steps):
+            delta.requires_grad_(True)
+            dev = (f(x0 + delta)[t] - base).norm()
+            (grad,) = torch.autograd.grad(dev, delta)
+            best = max(best, float(dev.detach()))
+            step = radius * (0.5 if i < steps // 2 else 0.1)
+            delta = project(delta.detach() + step * grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-300))
+    return best
+
+
+@pytest.mark.parametrize("which", ["sharp", "c20-at-caps"])
+def test_local_surrogate_dominates_attacks(which, sharp):
+    """Sanity: no perturbation PGD finds moves a final hidden state further than the surrogate says."""
+    model = sharp
+    if which == "c20-at-caps":
+        torch.manual_seed(3)
+        model = LipformerForCausalLM(LipformerConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, max_position_embeddings=64,
+                                                     softmax_scale=20.0)).double()
+    ids = torch.tensor([IDS[:20]])
+    x0 = model.model.embed(ids)[0].detach()
+    f = lambda z: model.model(inputs_embeds=z[None], use_cache=False).last_hidden_state[0]  # noqa: E731
+    for eps in (1e-3, 3e-2):
+        e = surrogate(model, ids, eps).detach()[0]
+        for t in (6, 19):
+            dev = _pgd(f, x0, eps * math.sqrt(32), t)
+            assert 0 < dev <= float(e[t]), (which, eps, t, dev, float(e[t]))
+
+
+def test_margin_local_gradient_reaches_every_kind_of_weight(sharp):
+    model = certify.float64_copy(sharp).float()
+    ids = torch.tensor([IDS[:32], IDS[32:64]])
+    obj, grads = Objective("margin_local", 0.01), {}
+    for name in ("ce", "margin_local"):
+        model.zero_grad()
+        o = Objective(name, 0.01) if name == "ce" else obj
+        with o.recording(model):
+            logits = model(ids).logits
+        loss = o(model, logits, ids)
+        assert torch.isfinite(loss)
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    layer = "model.layers.0."
+    for kind in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc_in", "mlp.fc_out"):
+        g = grads["margin_local"][layer + kind + ".weight"]
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        assert not torch.allclose(g, grads["ce"][layer + kind + ".weight"])
+    # the loss is above cross-entropy (every competitor is raised) and equals it at ε = 0
+    with obj.recording(model):
+        logits = model(ids).logits
+    assert obj(model, logits, ids) > Objective("ce")(model, logits, ids)
+    assert torch.allclose(Objective("margin_local", 0.0)(model, logits, ids), Objective("ce")(model, logits, ids))
+
+
+def test_margin_local_needs_the_recorded_forward_and_ramps_eps(sharp):
+    model = certify.float64_copy(sharp).float()
+    ids = torch.tensor([IDS[:16]])
+    obj = Objective("margin_local", 0.02, eps_warmup=10)
+    with pytest.raises(RuntimeError, match="recording"):
+        obj(model, model(ids).logits, ids)
+    assert [obj.eps_at(s) for s in (0, 4, 9, 50)] == pytest.approx([0.002, 0.01, 0.02, 0.02])
+    assert obj.eps_at(None) == 0.02 and Objective("margin_local", 0.02).eps_at(0) == 0.02
+    # a ramped step is the unramped objective at the smaller ε
+    with obj.recording(model):
+        logits = model(ids).logits
+    ramped = obj(model, logits, ids, step=4)
+    plain = Objective("margin_local", 0.01)
+    with plain.recording(model):
+        logits = model(ids).logits
+    assert torch.allclose(ramped, plain(model, logits, ids))
+    # margin_weight w mixes (1 − w)·CE + w·margin
+    half = Objective("margin_local", 0.01, weight=0.5)
+    with half.recording(model):
+        logits = model(ids).logits
+    with plain.recording(model):
+        model(ids)
+    mixed = 0.5 * Objective("ce")(model, logits, ids) + 0.5 * plain(model, logits, ids)
+    assert torch.allclose(half(model, logits, ids), mixed)
+    with pytest.raises(ValueError):
+        Objective("margin_local", 0.01, weight=1.5)
+
+
+def test_margin_local_trains_through_the_loop(tmp_path):
+    from lipformer.training.train import run
+
+    r = _loop_recipe(tmp_path, 4)
+    r.train.objective, r.train.eps_warmup = "margin_local", 2
+    result = run(r, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert "certified_accuracy" in result and math.isfinite(result["lipschitz_total"])

@@ -9,9 +9,16 @@
                    t is certified at ε iff z_y − z_j − ‖w_y − w_j‖·e > 0 for all j), so the loss
                    rewards margins that survive the certificate, not raw margins. At ε_train = 0 it
                    is cross-entropy.
-    margin_local   the same with the per-token local deviation bound e_{N,t}(ε) of
-                   ../shared/LOCAL-CERTIFICATES.md. Needs the local certificate (another branch);
-                   until it is in lipformer this objective is refused with a clear message.
+    margin_local   the same with the per-token local deviation bound e_{N,t}(ε_train) of
+                   docs/lipschitz.md §9 in place of √d·L_body·ε_train: a differentiable surrogate
+                   (training/local_surrogate.py) centred on this batch's own activations, which
+                   the forward records through hooks (`Objective.recording`). It rewards confident
+                   attention far from ties instead of forcing the score range down.
+
+The margin loss may be mixed with plain cross-entropy, (1 − w)·CE(z) + w·CE(z̃) (`margin_weight`
+w, IBP's κ), so that the clean prediction keeps a direct signal while the bound is far too large.
+ε_train may be ramped linearly from 0 over the first `eps_warmup` steps (GloRo / IBP practice: a
+full-size margin from step 0 pushes a model at init toward the trivial constant predictor).
 
 L_body for *training* is a differentiable estimate, not the certificate: the same composition as
 `lipformer.nn.compose_bounds` (docs/lipschitz.md §4–5), but with each σ_max from a few
@@ -24,6 +31,7 @@ recomputed afterwards with sound σ upper bounds (`model.bounds()`), never from 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +43,12 @@ OBJECTIVES = ("ce", "margin_global", "margin_local")
 
 
 def local_available() -> bool:
-    """Whether this lipformer has the per-token local certificate the margin_local objective needs."""
-    from lipformer import certify
-
-    return hasattr(certify, "local_deviation")
+    """Whether this lipformer has the per-token local certificate the margin_local objective trains for."""
+    try:
+        from lipformer.local_certify import final_radii  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class PowerSigma:
@@ -107,23 +117,60 @@ def bottom_logit_loss(logits: Tensor, targets: Tensor, head_weight: Tensor, devi
 
 
 class Objective:
-    """loss(model, logits, targets) for one recipe."""
+    """loss(model, logits, targets, step) for one recipe.
 
-    def __init__(self, name: str = "ce", eps: float = 0.0, power_iters: int = 12):
+    margin_local needs the activations of the forward that produced `logits`: run that forward
+    inside `with objective.recording(model):` (a no-op for the other objectives).
+    """
+
+    def __init__(self, name: str = "ce", eps: float = 0.0, power_iters: int = 12, eps_warmup: int = 0,
+                 weight: float = 1.0):
         if name not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
         if name == "margin_local" and not local_available():
-            raise ValueError("objective 'margin_local' needs the local certificate (lipformer.certify."
-                             "local_deviation, LOCAL-CERTIFICATES.md), which this lipformer does not have yet; "
-                             "use 'margin_global'")
+            raise ValueError("objective 'margin_local' needs the local certificate (lipformer.local_certify), "
+                             "which this lipformer does not have; use 'margin_global'")
         self.name, self.eps, self.power = name, float(eps), PowerSigma(power_iters)
+        self.eps_warmup, self.weight = int(eps_warmup), float(weight)
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"margin weight must be in [0, 1], got {weight}")
+        self._seen = None
 
-    def __call__(self, model, logits: Tensor, targets: Tensor) -> Tensor:
-        if self.name == "ce" or self.eps == 0.0:
+    def eps_at(self, step: int | None) -> float:
+        """ε_train at `step` (0-based): linear from 0 to eps over eps_warmup steps; None: the full eps."""
+        if step is None or self.eps_warmup <= 0:
+            return self.eps
+        return self.eps * min(1.0, (step + 1) / self.eps_warmup)
+
+    @contextmanager
+    def recording(self, model):
+        """Record the sublayer inputs of the forward run inside (margin_local only)."""
+        if self.name != "margin_local":
+            yield
+            return
+        from .local_surrogate import recording
+        with recording(model) as seen:
+            yield
+        self._seen = seen
+
+    def __call__(self, model, logits: Tensor, targets: Tensor, step: int | None = None) -> Tensor:
+        eps = self.eps_at(step)
+        if self.name == "ce" or eps == 0.0:
+            self._seen = None
             return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        # margin_global (margin_local is refused in __init__ until the local certificate exists)
-        e = math.sqrt(model.config.hidden_size) * body_lipschitz(model, self.power.sigma) * self.eps
-        return bottom_logit_loss(logits, targets, model.head.weight, e)
+        if self.name == "margin_global":
+            e = math.sqrt(model.config.hidden_size) * body_lipschitz(model, self.power.sigma) * eps
+        else:
+            if self._seen is None or self._seen.attn[0] is None:
+                raise RuntimeError("margin_local: run the forward inside `with objective.recording(model):`")
+            from .local_surrogate import local_deviation
+            seen, self._seen = self._seen, None   # one loss per recorded forward; frees the activations
+            e = local_deviation(model, seen, eps, self.power.sigma)
+        margin = bottom_logit_loss(logits, targets, model.head.weight, e)
+        if self.weight == 1.0:
+            return margin
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return (1 - self.weight) * ce + self.weight * margin
 
 
 __all__ = ["OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "local_available"]

@@ -58,6 +58,8 @@ class TrainConfig:
     certify_radii: list = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
     objective: str = "ce"               # "ce" | "margin_global" | "margin_local" (training/objectives.py)
     eps: float = 0.0                    # training radius ε_train of the margin objectives (max-rms of inputs_embeds)
+    eps_warmup: int = 0                 # ramp ε_train linearly from 0 over this many steps (0: full ε from step 0)
+    margin_weight: float = 1.0          # loss = (1 − w)·CE + w·(margin loss) for the margin objectives
 
 
 @dataclass
@@ -150,6 +152,10 @@ def _check_train(t: TrainConfig) -> None:
                           "does not have yet; use train.objective=margin_global")
     if not t.eps >= 0:
         raise RecipeError(f"[train] eps must be >= 0, got {t.eps!r}")
+    if not t.eps_warmup >= 0:
+        raise RecipeError(f"[train] eps_warmup must be >= 0, got {t.eps_warmup!r}")
+    if not 0 <= t.margin_weight <= 1:
+        raise RecipeError(f"[train] margin_weight must be in [0, 1], got {t.margin_weight!r}")
     radii = t.certify_radii
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in radii):
         raise RecipeError(f"[train] certify_radii must be a list of positive numbers, got {radii!r}")

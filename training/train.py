@@ -157,12 +157,14 @@ def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step
     for micro in range(t.grad_accum):
         x, y = (v.to(par.device) for v in train_data.next_batch())
         with par.micro_batch(micro, t.grad_accum):
-            with autocast(t.dtype, par.device):
-                logits = par.forward(x, use_cache=False).logits
             if objective is None:
+                with autocast(t.dtype, par.device):
+                    logits = par.forward(x, use_cache=False).logits
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
             else:
-                loss = objective(par.model, logits, y)
+                with objective.recording(par.model), autocast(t.dtype, par.device):
+                    logits = par.forward(x, use_cache=False).logits
+                loss = objective(par.model, logits, y, step)
             (loss / t.grad_accum).backward()
         loss_sum += float(loss.detach()) / t.grad_accum
     loss_sum = par.mean(loss_sum)
@@ -233,7 +235,8 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     par = Parallel.for_run(model, t.parallel, device, compile=t.compile)
     optimizer, scheduler = build_optimizer_for(model, t)
     project = SpectralProjection(model, optimizer)
-    objective = None if t.objective == "ce" else Objective(t.objective, t.eps)
+    objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
+                                                                  weight=t.margin_weight)
     if state is not None:
         par.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
