@@ -156,7 +156,8 @@ class LipformerPreTrainedModel(PreTrainedModel):
 
 
 class DecoderBlock(GradientCheckpointingLayer, Block):
-    """`nn.Block` with Hugging Face gradient checkpointing (`gradient_checkpointing_enable()`)."""
+    """`nn.Block` with Hugging Face activation checkpointing (`activation_checkpointing_enable()`; the
+    deprecated `gradient_checkpointing_enable()` too)."""
 
 
 def eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,

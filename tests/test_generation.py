@@ -143,7 +143,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(prompts):
     for checkpointing in (False, True):
         m = sharp_model().train()
         if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         m(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])

@@ -42,15 +42,6 @@ from lipformer.nn import ATTENTION_DIVISOR, GELU_DIVISOR, GELU_LIPSCHITZ
 OBJECTIVES = ("ce", "margin_global", "margin_local")
 
 
-def local_available() -> bool:
-    """Whether this lipformer has the per-token local certificate the margin_local objective trains for."""
-    try:
-        from lipformer.local_certify import final_radii  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class PowerSigma:
     """Differentiable σ_max estimates: uᵀWv with u, v from `iters` no-grad power steps.
 
@@ -127,9 +118,6 @@ class Objective:
                  weight: float = 1.0):
         if name not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
-        if name == "margin_local" and not local_available():
-            raise ValueError("objective 'margin_local' needs the local certificate (lipformer.local_certify), "
-                             "which this lipformer does not have; use 'margin_global'")
         self.name, self.eps, self.power = name, float(eps), PowerSigma(power_iters)
         self.eps_warmup, self.weight = int(eps_warmup), float(weight)
         if not 0.0 <= self.weight <= 1.0:
@@ -173,4 +161,4 @@ class Objective:
         return (1 - self.weight) * ce + self.weight * margin
 
 
-__all__ = ["OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "local_available"]
+__all__ = ["OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss"]

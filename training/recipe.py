@@ -144,12 +144,9 @@ def _check_train(t: TrainConfig) -> None:
         raise RecipeError(f"[train] parallel must be ddp or fsdp, got {t.parallel!r}")
     _check_optimizer_args(t)
     _check_allocation(t)
-    from .objectives import OBJECTIVES, local_available
+    from .objectives import OBJECTIVES
     if t.objective not in OBJECTIVES:
         raise RecipeError(f"[train] objective must be one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
-    if t.objective == "margin_local" and not local_available():
-        raise RecipeError("[train] objective 'margin_local' needs the local certificate, which this lipformer "
-                          "does not have yet; use train.objective=margin_global")
     if not t.eps >= 0:
         raise RecipeError(f"[train] eps must be >= 0, got {t.eps!r}")
     if not t.eps_warmup >= 0:
