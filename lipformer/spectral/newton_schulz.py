@@ -101,9 +101,21 @@ def _sym_gram(X: Tensor) -> Tensor:
     h = n // 2
     R = X.new_empty(*X.shape[:-1], n)
     torch.matmul(X[..., :h, :], X.mT, out=R[..., :h, :])
-    R[..., h:, h:] = X[..., h:, :] @ X[..., h:, :].mT
+    torch.matmul(X[..., h:, :], X[..., h:, :].mT, out=R[..., h:, h:])
     R[..., h:, :h] = R[..., :h, h:].mT
     return R
+
+
+def _scratch_like(X0: Tensor, X: Tensor) -> Tensor | None:
+    """X_0's memory as a row-major tensor shaped like X (X_0 is dead after a restart), or None.
+
+    Row-major whatever X_0's layout: for a tall G, X_0 = Gᵀ is column-major, and a product written
+    into that layout runs ~1.7× slower on CPU (measured, bf16 768 × 3072) than into a row-major one.
+    """
+    for buf in (X0, X0.mT):
+        if buf.is_contiguous() and buf.numel() == X.numel() and buf.dtype == X.dtype:
+            return buf.view(-1).view(X.shape)
+    return None
 
 
 def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequence[int] = (),
@@ -160,8 +172,7 @@ def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequenc
             P = Q.mul_(scale) if scale is not None else Q
         else:
             P = Q @ P
-    # after a restart X_0 is dead: write the result into it when it is our scratch copy
-    X = torch.matmul(P, X, out=X0 if reuse_input and X is not X0 else None)
+    X = torch.matmul(P, X, out=_scratch_like(X0, X) if reuse_input and X is not X0 else None)
     return X.reshape(*lead, *X.shape[-2:])
 
 
