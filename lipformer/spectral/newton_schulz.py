@@ -264,7 +264,7 @@ def auto_picks_gram(rows: int, cols: int, steps: int, gram_dtype: torch.dtype,
 
 def _can_fold_norm(X: Tensor, gram_dtype: torch.dtype) -> bool:
     """May the Gram path skip scaling X (an elementwise pass over the long side, ~4% of its CPU time)
-    and read ‖X‖ off R_0's trace (`_gram_quintic`'s `trace_norm`: no pass of its own for the norm, 3–9% of
+    and read ‖X‖ off R_0's trace (`_gram_quintic`'s `trace_norm`: no pass of its own for the norm, 2–4% of
     the bf16 call at 768 × 3072 measured paired)?
 
     Only on CPU (the range check reads the trace, a sync on an accelerator) and in a wide-range dtype;
