@@ -119,26 +119,27 @@ def _scratch_like(X0: Tensor, X: Tensor) -> Tensor | None:
     return None
 
 
-_WORKSPACE = threading.local()  # per thread: {(shape, dtype): the restart's X_k buffer} (CPU only)
+_WORKSPACE = threading.local()  # per thread: {(role, shape, dtype): reusable buffers} (CPU only)
 WORKSPACE_MAX_BYTES = 16 * 2 ** 20
 
 
-def _restart_buffer(X: Tensor) -> Tensor | None:
-    """A reusable buffer for X_k = P·X_0 at a restart (CPU, ≤ WORKSPACE_MAX_BYTES), else None (fresh).
+def _workspace(role: str, like: Tensor, count: int) -> list[Tensor]:
+    """`count` reusable buffers shaped like `like` (CPU, each ≤ WORKSPACE_MAX_BYTES), else [].
 
-    X_k never leaves `_gram_quintic`, and on CPU a fresh n × m buffer costs page faults every call
-    (measured in the profile: the restart's 768 × 3072 bf16 product took 4.9 ms into fresh memory,
-    3.1 ms into reused memory). An optimizer calls this with the same few shapes every step, so one
-    buffer per (shape, dtype) per thread is kept; larger matrices (an LM head) allocate each time.
+    For tensors that never leave `_gram_quintic` (the restart's X_k, the n × n R, q, qR, P): on CPU
+    fresh memory costs page faults every call (measured in the profile: the restart's 768 × 3072 bf16
+    product took 4.9 ms into fresh memory, 3.1 ms into reused memory; ~2000 faults per call came from
+    the n × n temporaries). An optimizer calls this with the same few shapes every step, so buffers
+    are kept per (shape, dtype) per thread; larger matrices (an LM head) allocate each time.
     """
-    if X.device.type != "cpu" or X.numel() * X.element_size() > WORKSPACE_MAX_BYTES:
-        return None
+    if like.device.type != "cpu" or like.numel() * like.element_size() > WORKSPACE_MAX_BYTES:
+        return []
     cache = getattr(_WORKSPACE, "buffers", None)
     if cache is None:
         cache = _WORKSPACE.buffers = {}
-    key = (tuple(X.shape), X.dtype)
+    key = (role, tuple(like.shape), like.dtype)
     if key not in cache:
-        cache[key] = torch.empty(X.shape, dtype=X.dtype)
+        cache[key] = [torch.empty(like.shape, dtype=like.dtype) for _ in range(count)]
     return cache[key]
 
 
@@ -173,6 +174,10 @@ def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequenc
         scale = scale.reshape(-1, 1, 1) if scale is not None and scale.ndim else scale
     X0 = X
     R = _sym_gram(X)
+    pool = _workspace("n×n", R, 5)
+    free = list(pool)
+    take = lambda: free.pop() if free else None  # noqa: E731  (None: a fresh tensor)
+    give = lambda t: free.append(t) if any(t is b for b in pool) else None  # noqa: E731
     if trace_norm is not None:
         safety, eps = trace_norm
         sq = R.diagonal(dim1=-2, dim2=-1).float().sum(-1)  # ‖X‖_F² per matrix
@@ -187,7 +192,8 @@ def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequenc
     last = len(schedule) - 1
     for k, (a, b, c) in enumerate(schedule):
         if k in restarts and P is not None:
-            X = torch.matmul(P, X, out=_restart_buffer(X) if X is X0 else None)
+            X = torch.matmul(P, X, out=(_workspace("X_k", X, 1) or [None])[0] if X is X0 else None)
+            give(R), give(P)
             R = _sym_gram(X)
             P, scale = None, None
         # q(R) = c(R² + (b/c)R) + aI, then bare products q(qR) and qP (one rounding each). Measured
@@ -198,15 +204,25 @@ def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequenc
         # scalar instead (Q' = R² + (b/c)R + (a/c)I, c in the alpha of the next addmm; one pass per
         # step less, ~4% faster) agrees with float32 to 2e-6 but lands 2× further from exact in bf16
         # (0.030 vs 0.015 at 5 steps; the gap opens at step 4, with float32 products as well), so the
-        # bf16 rounding of q at its true scale is kept.
-        Q = torch.add(R @ R, R, alpha=b / c).mul_(c) if c != 0 else R * b
+        # bf16 rounding of q at its true scale is kept. Every n × n result goes into a free workspace
+        # buffer (`take`; `give` returns a dead one), the same arithmetic as fresh tensors.
+        if c != 0:
+            S = torch.matmul(R, R, out=take())
+            Q = torch.add(S, R, alpha=b / c, out=S).mul_(c)
+        else:
+            Q = R * b
         Q.diagonal(dim1=-2, dim2=-1).add_(a)
         if k < last and k + 1 not in restarts:  # a restart re-forms R from X anyway
-            R = Q @ (Q @ R)
+            T = torch.matmul(Q, R, out=take())
+            R_next = torch.matmul(Q, T, out=take())
+            give(T), give(R)
+            R = R_next
         if P is None:
             P = Q.mul_(scale) if scale is not None else Q
         else:
-            P = Q @ P
+            P_next = torch.matmul(Q, P, out=take())
+            give(P), give(Q)
+            P = P_next
     X = torch.matmul(P, X, out=_scratch_like(X0, X) if reuse_input and X is not X0 else None)
     return X.reshape(*lead, *X.shape[-2:])
 
