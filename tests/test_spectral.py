@@ -426,6 +426,25 @@ def test_gram_scale_and_symmetric_gram():
     assert torch.equal(spectral.orthogonalize(stack, method="gram"), one)
 
 
+def test_gram_result_never_overwrites_the_callers_matrix():
+    """After a restart the Gram path writes its result into its own working copy of G (no fresh n × m
+    buffer); G itself must stay untouched when it already has the working dtype (then there is no copy),
+    and the result must be the same map either way, wide or tall, single or stacked."""
+    from lipformer.spectral.newton_schulz import _gram_quintic
+    for shape in [(40, 130), (130, 40), (2, 40, 130), (2, 130, 40)]:
+        G = torch.randn(*shape).bfloat16()
+        keep = G.clone()
+        O = spectral.orthogonalize(G, method="gram", restarts=(3,))
+        assert torch.equal(G, keep) and O.data_ptr() != G.data_ptr()
+        X = G.mT if shape[-2] > shape[-1] else G
+        X = (X.float() / torch.linalg.matrix_norm(X.float(), keepdim=True)).bfloat16()
+        ref = _gram_quintic(X.clone(), spectral.coefficient_schedule("classic", 5), (3,))
+        ref = ref.mT if shape[-2] > shape[-1] else ref
+        assert torch.allclose(O.float(), ref.float(), atol=0.05), (shape, (O.float() - ref.float()).abs().max())
+        # from float32 the working copy is ours and takes the result: the same bits as a fresh buffer
+        assert torch.equal(spectral.orthogonalize(G.float(), method="gram", restarts=(3,), out_dtype=torch.bfloat16), O)
+
+
 def test_gram_on_stacks_and_method_selection():
     G = torch.randn(3, 2, 32, 128)
     per = torch.stack([torch.stack([spectral.orthogonalize(g, method="gram", dtype=torch.float32) for g in gg])

@@ -11,6 +11,7 @@ Newton–Schulz, written here from the identity X_k = P_k(XXᵀ)·X_0), chosen b
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence, Union
 
 import torch
@@ -101,16 +102,53 @@ def _sym_gram(X: Tensor) -> Tensor:
     h = n // 2
     R = X.new_empty(*X.shape[:-1], n)
     torch.matmul(X[..., :h, :], X.mT, out=R[..., :h, :])
-    R[..., h:, h:] = X[..., h:, :] @ X[..., h:, :].mT
+    torch.matmul(X[..., h:, :], X[..., h:, :].mT, out=R[..., h:, h:])
     R[..., h:, :h] = R[..., :h, h:].mT
     return R
 
 
+def _scratch_like(X0: Tensor, X: Tensor) -> Tensor | None:
+    """X_0's memory as a row-major tensor shaped like X (X_0 is dead after a restart), or None.
+
+    Row-major whatever X_0's layout: for a tall G, X_0 = Gᵀ is column-major, and a product written
+    into that layout runs ~1.7× slower on CPU (measured, bf16 768 × 3072) than into a row-major one.
+    """
+    for buf in (X0, X0.mT):
+        if buf.is_contiguous() and buf.numel() == X.numel() and buf.dtype == X.dtype:
+            return buf.view(-1).view(X.shape)
+    return None
+
+
+_WORKSPACE = threading.local()  # per thread: {(role, shape, dtype): reusable buffers} (CPU only)
+WORKSPACE_MAX_BYTES = 16 * 2 ** 20
+
+
+def _workspace(role: str, like: Tensor, count: int) -> list[Tensor]:
+    """`count` reusable buffers shaped like `like` (CPU, each ≤ WORKSPACE_MAX_BYTES), else [].
+
+    For tensors that never leave `_gram_quintic` (the restart's X_k, the n × n R, q, qR, P): on CPU
+    fresh memory costs page faults every call (measured in the profile: the restart's 768 × 3072 bf16
+    product took 4.9 ms into fresh memory, 3.1 ms into reused memory; ~2000 faults per call came from
+    the n × n temporaries). An optimizer calls this with the same few shapes every step, so buffers
+    are kept per (shape, dtype) per thread; larger matrices (an LM head) allocate each time.
+    """
+    if like.device.type != "cpu" or like.numel() * like.element_size() > WORKSPACE_MAX_BYTES:
+        return []
+    cache = getattr(_WORKSPACE, "buffers", None)
+    if cache is None:
+        cache = _WORKSPACE.buffers = {}
+    key = (role, tuple(like.shape), like.dtype)
+    if key not in cache:
+        cache[key] = [torch.empty(like.shape, dtype=like.dtype) for _ in range(count)]
+    return cache[key]
+
+
 def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequence[int] = (),
-                  scale: Tensor | None = None) -> Tensor:
+                  scale: Tensor | None = None, reuse_input: bool = False,
+                  trace_norm: tuple[float, float] | None = None) -> Tensor | None:
     """The same odd quintics as `_odd_quintic`, iterated on the n × n Gram matrix (X is n × m, n ≤ m).
 
-    Each step multiplies X on the left by q_k(R_k) = a_k I + Z_k, Z_k = b_k R_k + c_k R_k², R_k = X_k X_kᵀ,
+    Each step multiplies X on the left by q_k(R_k) = a_k I + b_k R_k + c_k R_k², R_k = X_k X_kᵀ,
     so X_K = P·X_0 with P = q_{K-1}(R_{K-1})···q_0(R_0), and since q_k(R_k) is a polynomial in R_k it
     commutes with it: R_{k+1} = q_k R_k q_k. Only the Gram R_0 = X_0X_0ᵀ and the final P·X_0 touch the
     long side m; every step in between costs four n × n products (R², qR, q(qR), qP; the first step of
@@ -123,13 +161,30 @@ def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequenc
     forms X_k = P·X_0 and its Gram afresh, resetting that growth at the cost of one extra n × n × m pair.
 
     `scale` (optional, one per matrix): iterate on scale·X without forming it — R_0 and the first P
-    carry the factor, which saves an elementwise pass over the long side.
+    carry the factor, which saves an elementwise pass over the long side. `trace_norm` = (safety, eps):
+    take scale = 1/max(safety·‖X‖_F, eps) with ‖X‖_F² = tr R_0 (float32 sum of R_0's diagonal), which
+    saves the norm's own pass over X; returns None if ‖X‖² is outside 2^±80 (R_0 too near under- or
+    overflow), and the caller then scales X itself. `reuse_input`: X is the
+    caller's own scratch copy, so after a restart the result may overwrite it (no fresh n × m buffer:
+    on CPU each one costs page faults, ~1 ms for 768 × 3072 bf16).
     """
     lead = X.shape[:-2]
     if X.ndim > 3:
         X = X.reshape(-1, *X.shape[-2:])
         scale = scale.reshape(-1, 1, 1) if scale is not None and scale.ndim else scale
+    X0 = X
     R = _sym_gram(X)
+    pool = _workspace("n×n", R, 5)
+    free = list(pool)
+    take = lambda: free.pop() if free else None  # noqa: E731  (None: a fresh tensor)
+    give = lambda t: free.append(t) if any(t is b for b in pool) else None  # noqa: E731
+    if trace_norm is not None:
+        safety, eps = trace_norm
+        sq = R.diagonal(dim1=-2, dim2=-1).float().sum(-1)  # ‖X‖_F² per matrix
+        if not bool(((sq > 2.0 ** -80) & (sq < 2.0 ** 80)).all()):
+            return None
+        scale = (sq.sqrt() * safety).clamp(min=eps).reciprocal()
+        scale = scale.reshape(-1, 1, 1) if R.ndim == 3 else scale
     if scale is not None:
         scale = scale.float()
         R.mul_(scale * scale)
@@ -137,23 +192,38 @@ def _gram_quintic(X: Tensor, schedule: Sequence[Coefficients], restarts: Sequenc
     last = len(schedule) - 1
     for k, (a, b, c) in enumerate(schedule):
         if k in restarts and P is not None:
-            X = P @ X
+            X = torch.matmul(P, X, out=(_workspace("X_k", X, 1) or [None])[0] if X is X0 else None)
+            give(R), give(P)
             R = _sym_gram(X)
             P, scale = None, None
         # q(R) = c(R² + (b/c)R) + aI, then bare products q(qR) and qP (one rounding each). Measured
         # against one fused addmm for bR + cR² (bf16, classic, Gaussian 768 × 3072): the output is
         # closer to exact arithmetic (relative Frobenius error 0.015 vs 0.018; torch's standard
         # iteration 0.010) and max |σ − 1| is 0.306 vs 0.326 (exact 0.318, torch 0.319); the fused
-        # form tracks float32 better on ROOT's clipped momenta (tests/test_optim.py).
-        Q = torch.add(R @ R, R, alpha=b / c).mul_(c) if c != 0 else R * b
+        # form tracks float32 better on ROOT's clipped momenta (tests/test_optim.py). Carrying c as a
+        # scalar instead (Q' = R² + (b/c)R + (a/c)I, c in the alpha of the next addmm; one pass per
+        # step less, ~4% faster) agrees with float32 to 2e-6 but lands 2× further from exact in bf16
+        # (0.030 vs 0.015 at 5 steps; the gap opens at step 4, with float32 products as well), so the
+        # bf16 rounding of q at its true scale is kept. Every n × n result goes into a free workspace
+        # buffer (`take`; `give` returns a dead one), the same arithmetic as fresh tensors.
+        if c != 0:
+            S = torch.matmul(R, R, out=take())
+            Q = torch.add(S, R, alpha=b / c, out=S).mul_(c)
+        else:
+            Q = R * b
         Q.diagonal(dim1=-2, dim2=-1).add_(a)
         if k < last and k + 1 not in restarts:  # a restart re-forms R from X anyway
-            R = Q @ (Q @ R)
+            T = torch.matmul(Q, R, out=take())
+            R_next = torch.matmul(Q, T, out=take())
+            give(T), give(R)
+            R = R_next
         if P is None:
             P = Q.mul_(scale) if scale is not None else Q
         else:
-            P = Q @ P
-    X = P @ X
+            P_next = torch.matmul(Q, P, out=take())
+            give(P), give(Q)
+            P = P_next
+    X = torch.matmul(P, X, out=_scratch_like(X0, X) if reuse_input and X is not X0 else None)
     return X.reshape(*lead, *X.shape[-2:])
 
 
@@ -232,15 +302,15 @@ def auto_picks_gram(rows: int, cols: int, steps: int, gram_dtype: torch.dtype,
     return gram_dtype != torch.bfloat16 and gram_is_cheaper(rows, cols, steps, restarts)
 
 
-def _can_fold_norm(X: Tensor, norm: Tensor, gram_dtype: torch.dtype) -> bool:
-    """May the Gram path skip scaling X (an elementwise pass over the long side, ~4% of its CPU time)?
+def _can_fold_norm(X: Tensor, gram_dtype: torch.dtype) -> bool:
+    """May the Gram path skip scaling X (an elementwise pass over the long side, ~4% of its CPU time)
+    and read ‖X‖ off R_0's trace (`_gram_quintic`'s `trace_norm`: no pass of its own for the norm, 2–4% of
+    the bf16 call at 768 × 3072 measured paired)?
 
-    Only on CPU (the check reads the norm, a sync on an accelerator), in a wide-range dtype, and when
-    R_0 = X Xᵀ stays far from under/overflow (entries ~ ‖X‖²; at ‖X‖ = 1e-20 it would flush to zero).
+    Only on CPU (the range check reads the trace, a sync on an accelerator) and in a wide-range dtype;
+    the range itself (R_0 = X Xᵀ far from under/overflow) is checked on R_0.
     """
-    if X.device.type != "cpu" or torch.float16 in (X.dtype, gram_dtype):
-        return False
-    return bool(((norm > 2.0 ** -40) & (norm < 2.0 ** 40)).all())  # ‖X‖² within 2^±80
+    return X.device.type == "cpu" and torch.float16 not in (X.dtype, gram_dtype)
 
 
 def orthogonalize(
@@ -274,22 +344,28 @@ def orthogonalize(
     schedule = coefficient_schedule(coefficients, steps)
     safety = POLAR_EXPRESS_SAFETY if coefficients == "polar_express" else 1.0
     X = G.to(dtype) if dtype is not None else G
+    scratch = X is not G  # our own copy: the Gram path may write its result into it
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    raw = torch.linalg.matrix_norm(X, keepdim=True) if X.ndim > 2 else X.norm()
-    norm = (raw * safety).clamp(min=eps) if safety != 1.0 else raw.clamp(min=eps)
     gram_dtype, planned = gram_plan(X.dtype, X.device, steps, coefficients)
     restarts = planned if restarts is None else tuple(restarts)
     if method == "auto":  # never bf16 Gram: see `auto_picks_gram`
         gram = auto_picks_gram(X.size(-2), X.size(-1), steps, gram_dtype, restarts)
         method = "gram" if gram else "standard"
-    if method == "gram" and _can_fold_norm(X, raw, gram_dtype):  # 1/norm rides in R_0 and the first P
-        X = _gram_quintic(X.to(gram_dtype), schedule, restarts, scale=norm.float().reciprocal()).to(X.dtype)
-    elif method == "gram":
-        X = _gram_quintic((X / norm).to(gram_dtype), schedule, restarts).to(X.dtype)
+    folded = None
+    if method == "gram" and _can_fold_norm(X, gram_dtype):  # 1/‖X‖ from tr R_0, riding in R_0 and the first P
+        W = X.to(gram_dtype)
+        folded = _gram_quintic(W, schedule, restarts, reuse_input=scratch or W is not X, trace_norm=(safety, eps))
+    if folded is not None:
+        X = folded.to(X.dtype)
     else:
-        X = _odd_quintic(X / norm, schedule)
+        raw = torch.linalg.matrix_norm(X, keepdim=True) if X.ndim > 2 else X.norm()
+        norm = (raw * safety).clamp(min=eps) if safety != 1.0 else raw.clamp(min=eps)
+        if method == "gram":
+            X = _gram_quintic((X / norm).to(gram_dtype), schedule, restarts, reuse_input=True).to(X.dtype)
+        else:
+            X = _odd_quintic(X / norm, schedule)
     if tall:
         X = X.mT
     return X.to(out_dtype or G.dtype)
