@@ -231,6 +231,10 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
 
     torch.manual_seed(t.seed)
     model = LipformerForCausalLM.from_pretrained(checkpoint) if checkpoint is not None else LipformerForCausalLM(config)
+    if checkpoint is None and t.init_from:
+        _load_initial_weights(model, config, t.init_from)
+        if _dist_info()[0] == 0:
+            log(f"weights from {t.init_from}")
     model.to(device).train()
     par = Parallel.for_run(model, t.parallel, device, compile=t.compile)
     optimizer, scheduler = build_optimizer_for(model, t)
@@ -301,6 +305,24 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     if par.world > 1:  # rank 0's result on every rank, once its files are written
         result = on_main(lambda: result)
     return result
+
+
+def _load_initial_weights(model, config, folder) -> None:
+    """train.init_from: copy a saved model's weights into `model`. Refused when the folder's model is
+    not the recipe's (a cap or a softmax scale the weights were not trained under is another model)."""
+    src = LipformerForCausalLM.from_pretrained(folder)
+    mine, theirs = config.to_dict(), src.config.to_dict()
+    differ = sorted(k for k in set(mine) | set(theirs)
+                    if k not in _CONFIG_BOOKKEEPING and mine.get(k) != theirs.get(k))
+    if differ:
+        raise RecipeError(f"train.init_from {folder}: its model differs from the recipe's [model] in "
+                          + ", ".join(f"{k} ({theirs.get(k)!r} vs {mine.get(k)!r})" for k in differ))
+    model.load_state_dict(src.state_dict())  # strict: every tensor, same shapes
+
+
+# config.to_dict() keys that name a save, not a model
+_CONFIG_BOOKKEEPING = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
+                       "auto_map", "_commit_hash", "_attn_implementation_autoset"}
 
 
 def _check_resume(out: Path, checkpoint, resume: bool, overwrite: bool, max_steps, t) -> dict | None:
