@@ -90,6 +90,10 @@ POINTS = {
     "ft-local1e-3": C8MLP4 + FINETUNE + ["train.objective=margin_local", "train.eps=0.001"],
     "ft-local3e-3": C8MLP4 + FINETUNE + ["train.objective=margin_local", "train.eps=0.003"],
     "ft-global1e-3": C8MLP4 + FINETUNE + ["train.objective=margin_global", "train.eps=0.001"],
+    "ft-local1e-3-lr0.01": C8MLP4 + FINETUNE + ["train.lr=0.01", "train.companion_lr=0.0003",
+                                                 "train.objective=margin_local", "train.eps=0.001"],
+    "ft-local1e-3-w0.3": C8MLP4 + FINETUNE + ["train.objective=margin_local", "train.eps=0.001",
+                                               "train.margin_weight=0.3"],
 }
 
 
