@@ -214,6 +214,8 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         config = LipformerConfig(**{**run.model, "vocab_size": vocab})
     except Exception as exc:
         raise RecipeError(f"invalid [model]: {str(exc).strip().splitlines()[-1].strip()}") from exc
+    # train.init_from (unless resuming): its model must be the recipe's, checked before any write
+    source = _initial_weights(config, t.init_from) if checkpoint is None and t.init_from else None
     # only now, with the recipe and data known good, touch the output folder (rank 0; the others
     # wait, and raise its error, so no rank reads the folder before it is ready)
     on_main(prepare_output, out, run, checkpoint is not None, overwrite and checkpoint is None)
@@ -231,8 +233,9 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
 
     torch.manual_seed(t.seed)
     model = LipformerForCausalLM.from_pretrained(checkpoint) if checkpoint is not None else LipformerForCausalLM(config)
-    if checkpoint is None and t.init_from:
-        _load_initial_weights(model, config, t.init_from)
+    if source is not None:
+        model.load_state_dict(source.state_dict())  # strict: every tensor, same shapes
+        del source
         if _dist_info()[0] == 0:
             log(f"weights from {t.init_from}")
     model.to(device).train()
@@ -307,9 +310,9 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     return result
 
 
-def _load_initial_weights(model, config, folder) -> None:
-    """train.init_from: copy a saved model's weights into `model`. Refused when the folder's model is
-    not the recipe's (a cap or a softmax scale the weights were not trained under is another model)."""
+def _initial_weights(config, folder):
+    """train.init_from: the saved model whose weights start the run. Refused when its model is not
+    the recipe's (a cap or a softmax scale the weights were not trained under is another model)."""
     src = LipformerForCausalLM.from_pretrained(folder)
     mine, theirs = config.to_dict(), src.config.to_dict()
     differ = sorted(k for k in set(mine) | set(theirs)
@@ -317,7 +320,7 @@ def _load_initial_weights(model, config, folder) -> None:
     if differ:
         raise RecipeError(f"train.init_from {folder}: its model differs from the recipe's [model] in "
                           + ", ".join(f"{k} ({theirs.get(k)!r} vs {mine.get(k)!r})" for k in differ))
-    model.load_state_dict(src.state_dict())  # strict: every tensor, same shapes
+    return src
 
 
 # config.to_dict() keys that name a save, not a model
