@@ -42,6 +42,8 @@ MIT_RECIPE = CAPS1 + ["model.constraint=normalize", "model.zero_init=true", "tra
                       "train.lr=9", "train.companion=colnorm", "train.companion_lr=9", "train.schedule=linear",
                       "train.warmup_steps=0", "train.optimizer_args.momentum=0.9",
                       "train.optimizer_args.nesterov=false"]
+C8MLP4 = ["model.softmax_scale=8", "model.w_max.mlp_in=4"]
+FINETUNE = ["train.lr=0.03", "train.companion_lr=0.001", "train.warmup_steps=10"]
 C20VO4 = ["model.softmax_scale=20", "model.w_max.v=4", "model.w_max.o=4"]
 POINTS = {
     "preset": [],                                           # q, k caps 0.5: sound L ≈ 1.5
@@ -83,6 +85,15 @@ POINTS = {
                             "train.eps=0.001"],
     "c20-local1e-2": ["model.softmax_scale=20", "train.objective=margin_local", "train.eps=0.01"],
     "c20": ["model.softmax_scale=20"],
+    # fine-tunes of a trained c8-mlpin4 (run with --init-from its final/): a lower lr, a short warmup
+    "ft-ce": C8MLP4 + FINETUNE,
+    "ft-local1e-3": C8MLP4 + FINETUNE + ["train.objective=margin_local", "train.eps=0.001"],
+    "ft-local3e-3": C8MLP4 + FINETUNE + ["train.objective=margin_local", "train.eps=0.003"],
+    "ft-global1e-3": C8MLP4 + FINETUNE + ["train.objective=margin_global", "train.eps=0.001"],
+    "ft-local1e-3-lr0.01": C8MLP4 + FINETUNE + ["train.lr=0.01", "train.companion_lr=0.0003",
+                                                 "train.objective=margin_local", "train.eps=0.001"],
+    "ft-local1e-3-w0.3": C8MLP4 + FINETUNE + ["train.objective=margin_local", "train.eps=0.001",
+                                               "train.margin_weight=0.3"],
 }
 
 
@@ -135,12 +146,15 @@ def certify_best(m64, val, bounds, sequences: int) -> dict:
             "certify_best_seconds": time.time() - seconds}
 
 
-def train_point(name: str, steps: int, out: Path, full: bool, batches: int, local_sequences: int = 0) -> dict:
+def train_point(name: str, steps: int, out: Path, full: bool, batches: int, local_sequences: int = 0,
+                init_from: str | None = None) -> dict:
     from lipformer import LipformerForCausalLM
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import open_data, run
 
     overrides = ([] if full else PROXY) + [f"train.max_steps={steps}"] + POINTS[name]
+    if init_from:
+        overrides.append(f"train.init_from={init_from}")
     recipe = load_recipe(preset="shakespeare-char", overrides=overrides)
     recipe.train.certify_radii = list(EPS)
     t0 = time.time()
@@ -148,7 +162,7 @@ def train_point(name: str, steps: int, out: Path, full: bool, batches: int, loca
     seconds = time.time() - t0
     model = LipformerForCausalLM.from_pretrained(out / name / "final")
     _, val, _, _ = open_data(recipe)
-    return {"name": name, "overrides": POINTS[name], "steps": steps, "full_size": full,
+    return {"name": name, "overrides": POINTS[name], "init_from": init_from, "steps": steps, "full_size": full,
             "seconds_per_step": seconds / steps, **certify_model(model, val, batches, local_sequences)}
 
 
@@ -240,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--local-sequences", type=int, default=0,
                    help="also certify this many val sequences with the best (local or global) radius")
+    p.add_argument("--init-from", default=None, help="a saved model folder whose weights start every point")
     p.add_argument("--bench", action="store_true")
     p.add_argument("--report", action="store_true")
     p.add_argument("--plot-eps", default="0.01", choices=[f"{e:g}" for e in EPS])
@@ -260,7 +275,7 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     for name in a.points.split(","):
-        row = train_point(name, a.steps, out, a.full, a.batches, a.local_sequences)
+        row = train_point(name, a.steps, out, a.full, a.batches, a.local_sequences, a.init_from)
         print(json.dumps(row), flush=True)
         with open(out / "front.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -77,6 +77,26 @@ def test_output_folder_of_another_run_is_refused(corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
+def test_init_from_starts_at_the_saved_weights(corpus, tmp_path):
+    """train.init_from: the first step's loss is the trained model's, not a fresh init's; a folder
+    whose model is not the recipe's is refused before anything is written."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    run(recipe(corpus, "train.max_steps=30", "train.checkpoint_every=0"), tmp_path / "base", **quiet)
+
+    def first_loss(name, *extra):
+        run(recipe(corpus, "train.max_steps=1", "train.log_every=1", "train.eval_every=0", *extra),
+            tmp_path / name, **quiet)
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    trained = [json.loads(x)["loss"] for x in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()][-1]
+    fresh, tuned = first_loss("fresh"), first_loss("tuned", f"train.init_from={tmp_path / 'base' / 'final'}")
+    assert fresh - trained > 0.3 and abs(tuned - trained) < 0.25 * (fresh - trained)
+    with pytest.raises(RecipeError, match="differs from the recipe"):
+        run(recipe(corpus, "model.softmax_scale=3", f"train.init_from={tmp_path / 'base' / 'final'}"),
+            tmp_path / "other", **quiet)
+    assert not (tmp_path / "other").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     from lipformer.training.train import TrainingStopped
     r = recipe(corpus, "train.optimizer=adamw", "train.lr=1e30", "train.schedule=constant")
@@ -118,6 +138,7 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(corpus, tmp_p
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.max_steps=abc"], "must be an integer"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "data.dataset=char_dir", "data.path={tmp}/none"], "{tmp}/none"),
     (["train", "--out", "{tmp}/a"], "one of the arguments --preset --config is required"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.init_from={tmp}/none"], "init_from must be a saved model"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer_args.foo=1"], "['foo'] are not options of 'muon'"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer=alto", "train.optimizer_args.preset=huge"],
      "unknown preset 'huge'"),

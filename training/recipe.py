@@ -60,6 +60,8 @@ class TrainConfig:
     eps: float = 0.0                    # training radius ε_train of the margin objectives (max-rms of inputs_embeds)
     eps_warmup: int = 0                 # ramp ε_train linearly from 0 over this many steps (0: full ε from step 0)
     margin_weight: float = 1.0          # loss = (1 − w)·CE + w·(margin loss) for the margin objectives
+    init_from: str | None = None        # a saved model folder (e.g. OUT/final) whose weights start the run
+                                        # (fine-tuning: fresh optimizer and schedule; --resume takes precedence)
 
 
 @dataclass
@@ -153,6 +155,8 @@ def _check_train(t: TrainConfig) -> None:
         raise RecipeError(f"[train] eps_warmup must be >= 0, got {t.eps_warmup!r}")
     if not 0 <= t.margin_weight <= 1:
         raise RecipeError(f"[train] margin_weight must be in [0, 1], got {t.margin_weight!r}")
+    if t.init_from is not None and not (Path(str(t.init_from)) / "config.json").is_file():
+        raise RecipeError(f"[train] init_from must be a saved model folder (with config.json), got {t.init_from!r}")
     radii = t.certify_radii
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in radii):
         raise RecipeError(f"[train] certify_radii must be a list of positive numbers, got {radii!r}")

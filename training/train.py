@@ -214,6 +214,8 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         config = LipformerConfig(**{**run.model, "vocab_size": vocab})
     except Exception as exc:
         raise RecipeError(f"invalid [model]: {str(exc).strip().splitlines()[-1].strip()}") from exc
+    # train.init_from (unless resuming): its model must be the recipe's, checked before any write
+    source = _initial_weights(config, t.init_from) if checkpoint is None and t.init_from else None
     # only now, with the recipe and data known good, touch the output folder (rank 0; the others
     # wait, and raise its error, so no rank reads the folder before it is ready)
     on_main(prepare_output, out, run, checkpoint is not None, overwrite and checkpoint is None)
@@ -231,6 +233,11 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
 
     torch.manual_seed(t.seed)
     model = LipformerForCausalLM.from_pretrained(checkpoint) if checkpoint is not None else LipformerForCausalLM(config)
+    if source is not None:
+        model.load_state_dict(source.state_dict())  # strict: every tensor, same shapes
+        del source
+        if _dist_info()[0] == 0:
+            log(f"weights from {t.init_from}")
     model.to(device).train()
     par = Parallel.for_run(model, t.parallel, device, compile=t.compile)
     optimizer, scheduler = build_optimizer_for(model, t)
@@ -301,6 +308,24 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     if par.world > 1:  # rank 0's result on every rank, once its files are written
         result = on_main(lambda: result)
     return result
+
+
+def _initial_weights(config, folder):
+    """train.init_from: the saved model whose weights start the run. Refused when its model is not
+    the recipe's (a cap or a softmax scale the weights were not trained under is another model)."""
+    src = LipformerForCausalLM.from_pretrained(folder)
+    mine, theirs = config.to_dict(), src.config.to_dict()
+    differ = sorted(k for k in set(mine) | set(theirs)
+                    if k not in _CONFIG_BOOKKEEPING and mine.get(k) != theirs.get(k))
+    if differ:
+        raise RecipeError(f"train.init_from {folder}: its model differs from the recipe's [model] in "
+                          + ", ".join(f"{k} ({theirs.get(k)!r} vs {mine.get(k)!r})" for k in differ))
+    return src
+
+
+# config.to_dict() keys that name a save, not a model
+_CONFIG_BOOKKEEPING = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
+                       "auto_map", "_commit_hash", "_attn_implementation_autoset"}
 
 
 def _check_resume(out: Path, checkpoint, resume: bool, overwrite: bool, max_steps, t) -> dict | None:
