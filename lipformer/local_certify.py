@@ -85,8 +85,8 @@ def final_radii(model, clean: CleanPass, eps: Tensor) -> Tensor:
     start = root_d * (spectral.gamma(d) + 8 * U) * ball.radius
     e = (root_d * eps[:, None] * ROUND_UP + start).expand(-1, T).clone()
     with lnn.memoized_sigmas():
-        for layer, (x_attn, x_mlp), prepared in zip(model.model.layers, clean.inputs, _prepared(model, clean)):
-            e, _ = layer.local_bound(x_attn, x_mlp, e, clean.rope, clean.allowed, None, None, prepared=prepared)
+        for layer, prepared in zip(model.model.layers, _prepared(model, clean)):
+            e = layer.local_bound(e, prepared, clean.rope, clean.allowed)
     return e
 
 

@@ -523,27 +523,23 @@ class Block(nn.Module):
             B = residual_bound(a, B, branch.bound(B)).output
         return {"steps": steps, "output_bound": B}
 
-    def local_bound(self, x_attn: Tensor, x_mlp: Tensor, e: Tensor, rope, allowed: Tensor,
-                    input_bound: float, lam: float, prepared: dict | None = None) -> tuple[Tensor, float]:
+    def local_bound(self, e: Tensor, prepared: dict, rope, allowed: Tensor) -> Tensor:
         """Radii after the block around its computed output (docs/lipschitz.md §9c–d).
 
-        x_attn, x_mlp: the computed inputs of the two sublayers (T, d); e: (K, T) ℓ2 radii of the
-        exact perturbed input around x_attn; input_bound: rms bound on every exact activation here
-        (the global one); prepared: `local_prepare(...)` with the same arguments, when many e are
-        evaluated on one input. Each residual mixes e ← (1 − α)e + α·f and adds the float64 error
-        of evaluating that sublayer once at the computed input (§6a), which is what separates the
-        next computed activation from the exact function of this one. Returns (e, next bound).
+        e: (K, T) ℓ2 radii of the exact perturbed input around the computed one, one row per trial;
+        prepared: `local_prepare(...)` of this block at that input (done once, however many trials);
+        rope, allowed: as the forward used them. Each residual mixes e ← (1 − α)e + α·f and adds
+        the float64 error of evaluating that sublayer once at the computed input (§6a), which is
+        what separates the next computed activation from the exact function of this one.
         """
-        P = prepared if prepared is not None else self.local_prepare(
-            x_attn, x_mlp, rope, allowed, input_bound, lam, rows=(1 << 16) // max(1, e.size(0) * e.size(1) * self.attn.heads), keep=False)
         a = self.alpha
-        for branch, x, here, inner, rounding in P["steps"]:
+        for branch, x, here, inner, rounding in prepared["steps"]:
             if branch is self.attn:
-                f = branch.local_bound(x, e, rope, allowed, here, lam, prepared=inner)
+                f = branch.local_bound(x, e, rope, allowed, here, None, prepared=inner)
             else:
-                f = branch.local_bound(x, e, here, lam, prepared=inner)
+                f = branch.local_bound(x, e, here, None, prepared=inner)
             e = ((1 - a) * e + a * f) * ROUND_UP + rounding
-        return e, P["output_bound"]
+        return e
 
 
 def float64_linear_error(n: int) -> float:
