@@ -14,6 +14,7 @@ computed once per text.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,37 +41,64 @@ class CleanPass:
     prepared: list[dict] | None = None    # per block: the ε-independent tensors of its local bound
 
 
-@torch.no_grad()
-def clean_pass(model, ids: Tensor, attention_mask: Tensor | None = None) -> CleanPass:
-    """Run the model's own forward on one sequence (1, T), recording every sublayer's input.
+@dataclass
+class Recorded:
+    """The inputs of every block's attention (x, rope, mask, ...) and MLP (x,), as a forward passed them."""
+    attn: list
+    mlp: list
 
-    Hooks record what the forward computed, so the prediction certified is the model's own.
-    """
-    seen: dict = {}
 
-    def grab(name):
+@contextmanager
+def recording(model):
+    """Record the sublayer inputs of the forward run inside (hooks; no copies, autograd graph kept).
+
+    What the certificate (and the training surrogate) is centred on is then exactly what the
+    model's own forward computed."""
+    n = len(model.model.layers)
+    seen = Recorded([None] * n, [None] * n)
+
+    def grab(store, i):
         def hook(module, args):
-            seen[name] = args
+            store[i] = args
         return hook
 
     hooks = []
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.attn.register_forward_pre_hook(grab(("attn", i))))
-        hooks.append(layer.mlp.register_forward_pre_hook(grab(("mlp", i))))
+        hooks.append(layer.attn.register_forward_pre_hook(grab(seen.attn, i)))
+        hooks.append(layer.mlp.register_forward_pre_hook(grab(seen.mlp, i)))
     try:
-        hidden = model.model(ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[0]
+        yield seen
     finally:
         for h in hooks:
             h.remove()
-    x, rope, mask = seen[("attn", 0)][:3]
-    T = x.size(1)
-    if mask is None:   # plain causal attention
-        allowed = torch.ones(T, T, dtype=torch.bool).tril()
-    else:
-        allowed = mask[0, 0, :, -T:].bool()
-        if mask.size(-1) != T:
-            raise ValueError("local certificates cover one sequence without a KV cache")
-    inputs = [(seen[("attn", i)][0][0], seen[("mlp", i)][0][0]) for i in range(len(model.model.layers))]
+
+
+def allowed_keys(mask: Tensor | None, T: int, device=None) -> Tensor:
+    """(B or 1, T, T) bool: the keys each query attends to, from the mask the attention received.
+
+    sdpa gets a boolean mask (True: attend); eager an additive one (0: attend, the dtype's minimum:
+    masked). None is plain causal attention. Anything else would change the scores in a way the
+    bounds do not model, and is refused."""
+    if mask is None:
+        return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None]
+    if mask.size(-1) != T:
+        raise ValueError("local certificates cover one whole sequence without a KV cache")
+    m = mask[:, 0, :, -T:]
+    if m.dtype == torch.bool:
+        return m
+    if not bool(((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()):
+        raise ValueError("local certificates need an attention mask of 0 (attend) and -inf/min (masked)")
+    return m == 0
+
+
+@torch.no_grad()
+def clean_pass(model, ids: Tensor, attention_mask: Tensor | None = None) -> CleanPass:
+    """Run the model's own forward on one sequence (1, T), recording every sublayer's input."""
+    with recording(model) as seen:
+        hidden = model.model(ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[0]
+    x, rope, mask = seen.attn[0][:3]
+    allowed = allowed_keys(mask, x.size(1))[0]
+    inputs = [(a[0][0], m[0][0]) for a, m in zip(seen.attn, seen.mlp)]
     return CleanPass(inputs, hidden, (rope[0][0, 0], rope[1][0, 0]), allowed)
 
 

@@ -345,3 +345,25 @@ def test_uncached_certification_gives_the_same_radii(trained, monkeypatch):
     clean = clean_pass(trained, ids)
     assert isinstance(lc._prepared(trained, clean)[0]["steps"][0][3]["chunks"][0], tuple)
     assert torch.equal(local_radii(trained, ids)[2], cached)
+
+
+def test_eager_attention_masks_are_read_as_masks(trained):
+    # Eager attention receives an additive mask (0: attend, min: masked), sdpa a boolean one. Read
+    # with .bool(), the additive mask flips: every query would "see" exactly the keys it cannot,
+    # and the local bound would describe another function. Both must give the same allowed set,
+    # the same bound, and the bound must still dominate PGD on the eager model.
+    import copy
+    eager = copy.deepcopy(trained)
+    eager.config._attn_implementation = "eager"
+    real = IDS[:18]
+    ids = torch.tensor([[0] * 6 + real])
+    mask = torch.tensor([[0] * 6 + [1] * len(real)])
+    clean_e, clean_s = clean_pass(eager, ids, mask), clean_pass(trained, ids, mask)
+    assert torch.equal(clean_e.allowed, clean_s.allowed)
+    eps = torch.tensor([1e-2], dtype=torch.float64)
+    torch.testing.assert_close(final_radii(eager, clean_e, eps), final_radii(trained, clean_s, eps), rtol=1e-6, atol=0)
+    x0 = eager.model.embed(ids)[0].detach()
+    f = lambda z: eager.model(inputs_embeds=z[None], attention_mask=mask, use_cache=False).last_hidden_state[0]  # noqa: E731
+    e = final_radii(eager, clean_e, eps)[0]
+    dev, _ = pgd_deviation(f, x0, torch.full((24,), 1e-2 * math.sqrt(32), dtype=torch.float64), 20, steps=15)
+    assert dev <= e[20] * SLACK

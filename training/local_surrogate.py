@@ -27,57 +27,16 @@ their graph), so the extra cost is one "box" pass per attention sublayer over (B
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lipformer.local_bounds import GELU_CURVATURE_MAX, gelu_slope
+from lipformer.local_certify import Recorded, allowed_keys, recording
 from lipformer.nn import ATTENTION_DIVISOR, GELU_DIVISOR, GELU_MAX_SLOPE, apply_rope
 
 TINY = 1e-30
-
-
-@dataclass
-class Recorded:
-    """Inputs of every block's attention (x, rope, mask) and MLP (x), as the forward computed them."""
-    attn: list = field(default_factory=list)
-    mlp: list = field(default_factory=list)
-
-
-@contextmanager
-def recording(model):
-    """Record the sublayer inputs of every forward run inside the block (graph kept, no copies)."""
-    seen = Recorded()
-    n = len(model.model.layers)
-    seen.attn, seen.mlp = [None] * n, [None] * n
-
-    def grab(store, i):
-        def hook(module, args):
-            store[i] = args
-        return hook
-
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.attn.register_forward_pre_hook(grab(seen.attn, i)))
-        hooks.append(layer.mlp.register_forward_pre_hook(grab(seen.mlp, i)))
-    try:
-        yield seen
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def allowed_keys(mask, B: int, T: int, device) -> Tensor:
-    """(B or 1, T, T) bool: the keys each query attends to, from the mask the forward used."""
-    if mask is None:
-        return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None]
-    m = mask[:, 0, :, -T:]
-    if mask.size(-1) != T:
-        raise ValueError("the local surrogate covers full sequences without a KV cache")
-    return m if m.dtype == torch.bool else m == 0   # additive masks: 0 where allowed
 
 
 def _sqrt(x: Tensor) -> Tensor:
@@ -194,7 +153,7 @@ def local_deviation(model, seen: Recorded, eps: float, sigma) -> Tensor:
     for layer, args, (xm, *_), sig in zip(model.model.layers, seen.attn, seen.mlp, _sigmas(model, sigma)):
         x, rope, mask = args[0].to(dtype), args[1], args[2] if len(args) > 2 else None
         rope = tuple(r.to(dtype) for r in rope)
-        allowed = allowed_keys(mask, Bsz, T, x.device)
+        allowed = allowed_keys(mask, T, x.device)
         here = torch.maximum(bound, x.pow(2).mean(-1).sqrt().amax(-1))           # (B,)
         per_head = sig["v"] * (1 + 2 * c * H * sig["q"] * sig["k"] * here[:, None] ** 2)
         L_att = sig["o"] * _sqrt(per_head.pow(2).sum(-1)) / ATTENTION_DIVISOR
