@@ -222,13 +222,6 @@ class BlockStochasticOrthogonal(nn.Module):
                     default=0.0)
         return worst > self.spectrum_tol
 
-    def deviation_bound(self) -> float:
-        """Proved bound on max |σ(G) − 1| of this side now, in exact arithmetic (0 on the exact path)."""
-        if self.uses_exact():
-            return 0.0
-        return max((neumann_deviation_bound(p.reshape(-1, p.size(-1)), self.terms) for p in self.parameters_q()),
-                   default=0.0)
-
     def blocks(self) -> tuple[Tensor | None, Tensor | None]:
         full, last = self.skew_blocks()
         transform = exact_cayley if self.uses_exact() else (lambda Q: cayley_neumann(Q, self.terms))
