@@ -20,7 +20,7 @@ CONSTRAINTS = ("hard_cap", "soft_cap", "normalize", "hammer", "spectral_wd", "no
 CAP_METHODS = ("auto", "eigh", "polar", "svd", "poly")
 LINEAR_KINDS = ("dense", "poet")
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings", "poet_block_size", "poet_neumann_terms")
+               "max_position_embeddings", "poet_block_size", "poet_neumann_terms", "position_bias")
 _FLOAT_FIELDS = ("rope_theta", "softmax_scale", "residual_alpha", "input_radius")
 _STR_FIELDS = ("constraint", "cap_method", "linear")
 _BOOL_FIELDS = ("use_cache", "tie_word_embeddings", "zero_init")
@@ -45,7 +45,11 @@ class LipformerConfig(PreTrainedConfig):
     intermediate_size: MLP width (default 4·d).
     max_position_embeddings: context length.
     rope_theta: RoPE base.
-    softmax_scale: attention scores are softmax_scale · q·k / d_head (1/d scaling, not 1/sqrt(d)).
+    softmax_scale: attention scores are softmax_scale · q·k / d_head (1/d scaling, not 1/sqrt(d));
+        0 turns the content scores off (attention then depends on positions only, through position_bias).
+    position_bias: W > 0 adds a learned offset per head and query–key distance 0..W−1 to the scores
+        (keys farther back share the last one); it does not depend on the input, so it costs no
+        Lipschitz bound. 0 (default): no bias.
     residual_alpha: convex residual x ← (1−α)x + α f(x); default 1/(2N).
     w_max: cap per weight kind in the RMS→RMS operator norm sqrt(d_in/d_out)·σ_max
         (for "embed": the largest RMS of a token vector). Missing kinds default to 1.
@@ -71,6 +75,7 @@ class LipformerConfig(PreTrainedConfig):
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     softmax_scale: float = 1.0
+    position_bias: int = 0
     residual_alpha: float | None = None
     w_max: dict | None = None
     input_radius: float | None = None
@@ -153,8 +158,9 @@ class LipformerConfig(PreTrainedConfig):
         need(0.0 < self.residual_alpha <= 1.0, f"residual_alpha must be in (0, 1], got {self.residual_alpha}")
         need(math.isfinite(self.input_radius) and self.input_radius > 0,
              f"input_radius must be positive, got {self.input_radius}")
-        need(math.isfinite(self.softmax_scale) and self.softmax_scale > 0,
-             f"softmax_scale must be positive, got {self.softmax_scale}")
+        need(math.isfinite(self.softmax_scale) and self.softmax_scale >= 0,
+             f"softmax_scale must be >= 0, got {self.softmax_scale}")
+        need(self.position_bias >= 0, f"position_bias must be >= 0 (a window of distances; 0 = none), got {self.position_bias}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         need(self.constraint in CONSTRAINTS, f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
         need(self.cap_method in CAP_METHODS, f"cap_method must be one of {CAP_METHODS}, got {self.cap_method!r}")

@@ -27,7 +27,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .config import LipformerConfig
-from .nn import (Block, CappedLinear, InputBall, MaxRMSEmbedding, ModelBound, SpectralLinear, compose_bounds,
+from .nn import (Attention, Block, CappedLinear, InputBall, MaxRMSEmbedding, ModelBound, SpectralLinear, compose_bounds,
                  constrained_modules, dense_linear, rope_tables)
 from .poet import POETLinear
 
@@ -149,6 +149,13 @@ class LipformerPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.weight)
             else:
                 init.orthogonal_(module.weight, gain=module.sigma_cap)
+        elif isinstance(module, Attention) and module.position_bias is not None:
+            # ALiBi-like start: head h prefers recent keys with slope 2^-h (1, 1/2, 1/4, ...), so the
+            # heads begin at different ranges; training moves every offset freely (no bound depends on it)
+            H, W = module.position_bias.shape
+            slopes = 2.0 ** -torch.arange(H, dtype=torch.float32)
+            init.copy_(module.position_bias, (-slopes[:, None] * torch.arange(W, dtype=torch.float32)).to(
+                module.position_bias.dtype))
         elif isinstance(module, MaxRMSEmbedding):
             fresh = torch.randn_like(module.weight, dtype=torch.float32)
             fresh = fresh * (module.w_max / fresh.pow(2).mean(-1, keepdim=True).sqrt())
@@ -225,6 +232,9 @@ class LipformerModel(LipformerPreTrainedModel):
             mask_config._attn_implementation = "eager"
         mask = create_causal_mask(config=mask_config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
                                   position_ids=position_ids)
+        if self.config.position_bias and mask_config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"position_bias needs attn_implementation 'eager' or 'sdpa' (an additive mask), "
+                             f"not {mask_config._attn_implementation!r}")
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(mask_config._attn_implementation, eager_attention)
         attentions = [] if output_attentions else None
 

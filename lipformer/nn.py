@@ -276,6 +276,35 @@ class Attention(nn.Module):
         d = config.hidden_size
         self.heads, self.head_dim, self.scale = config.num_attention_heads, config.head_dim, config.softmax_scale
         self.q, self.k, self.v, self.o = (linear(config, d, d, kind) for kind in ("q", "k", "v", "o"))
+        # A learned score offset per head and query–key distance 0..W−1 (farther keys share the last).
+        # It does not depend on the input, so the score path's c·σ_Q·σ_K never pays for it (§4, §9b):
+        # heads can pick positions sharply at a small (even zero) softmax scale.
+        window = config.position_bias
+        self.position_bias = nn.Parameter(torch.zeros(self.heads, window)) if window else None
+
+    def score_bias(self, query_index: Tensor, keys: int) -> Tensor | None:
+        """(H, T, S): what each head adds to the score of query t (at key slot query_index[t]) and
+        key slot s < keys; None without a position bias. Slots are cache positions, so with left
+        padding the distance between two real tokens is still their distance in the text."""
+        if self.position_bias is None:
+            return None
+        slots = torch.arange(keys, device=query_index.device)
+        distance = (query_index[:, None] - slots[None]).clamp(0, self.position_bias.size(1) - 1)
+        return self.position_bias[:, distance]
+
+    def _biased_mask(self, mask: Tensor | None, start: int | Tensor, T: int, S: int, dtype: torch.dtype) -> Tensor:
+        """The mask the attention kernel gets with a position bias: an additive float mask holding the
+        bias on allowed keys and the dtype's minimum elsewhere (finite: a padding row stays uniform)."""
+        device = self.position_bias.device
+        query = torch.arange(T, device=device) + start   # `start` may be a static cache's 0-d counter
+        if mask is None:   # causal: query t (slot start + t) sees slots ≤ start + t
+            allowed = torch.arange(S, device=device)[None] <= query[:, None]
+        elif mask.dtype == torch.bool:
+            allowed = mask
+        else:
+            allowed = mask > torch.finfo(mask.dtype).min / 2
+        bias = self.score_bias(query, S).to(dtype)
+        return torch.where(allowed, bias, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=bias.device))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
                 cache=None, layer_idx: int | None = None, attend=None) -> Tensor:
@@ -287,8 +316,15 @@ class Attention(nn.Module):
         q = apply_rope(split(self.q(x)), cos, sin)
         k = apply_rope(split(self.k(x)), cos, sin)
         v = split(self.v(x))
+        start = 0
+        if cache is not None and self.position_bias is not None:
+            start = cache.get_seq_length(layer_idx)   # before the update; a static cache's counter is
+            if isinstance(start, Tensor):             # a tensor it then increments in place: copy it
+                start = start.clone()
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
+        if self.position_bias is not None:
+            mask = self._biased_mask(mask, start, T, k.size(-2), q.dtype)
         if attend is not None:
             return self.o(attend(self, q, k, v, mask).reshape(B, T, -1)) / ATTENTION_DIVISOR
         if mask is None and k.size(-2) != T:  # decoding with a cache: causal, aligned bottom-right
@@ -313,11 +349,13 @@ class Attention(nn.Module):
     def rounding_error(self, input_bound: float, lam: float) -> float:
         """rms bound on |float64 forward − exact forward| at one computed input of rms ≤ B (§6a):
             (σ_O/3)·λ·B·[(Σ_h σ_V,h²(12 + φ_h)²)^½ + 2(Σ_h σ_V,h²)^½],
-        φ_h = min(e^{14λS_h} − 1, 2)(1 + λ)/λ, S_h = cH·σ_Q,h·σ_K,h·B² the bound on |scores|."""
+        φ_h = min(e^{14λS_h} − 1, 2)(1 + λ)/λ, S_h = cH·σ_Q,h·σ_K,h·B² + max|bias_h| the bound on |scores|."""
         H, c, B = self.heads, self.scale, input_bound
         sq, sk, sv = (_sigma(m.weight, H) for m in (self.q, self.k, self.v))
         so = float(_sigma(self.o.weight))
         scores = c * H * sq * sk * B * B
+        if self.position_bias is not None:
+            scores = scores + self.position_bias.detach().abs().amax(-1).to(scores.dtype) * ROUND_UP
         # score errors ≤ 7λS move every softmax weight by a factor e^{±14λS}; both are distributions
         shift = torch.clamp(torch.expm1(14.0 * lam * scores), max=2.0) * (1.0 + lam) / lam
         heads = torch.sqrt((sv**2 * (12.0 + shift) ** 2).sum()) + 2.0 * torch.sqrt((sv**2).sum())
@@ -343,8 +381,10 @@ class Attention(nn.Module):
         xn = spectral.row_norm_upper(x)
         dq, dk, dv = (2 * lam * s[:, None] * xn[None] for s in (sq, sk, sv))          # (H, T)
         qn, kn = spectral.row_norm_upper(q), spectral.row_norm_upper(k)
+        bias = self.score_bias(torch.arange(T, device=x.device), T)
         state = {"sq": sq, "sk": sk, "sv": sv, "so": float(_sigma(self.o.weight)), "f": c / dh,
-                 "q_up": (qn + dq) * ROUND_UP, "tensors": (q, k, v, dq, dk, dv, qn, kn), "chunks": []}
+                 "q_up": (qn + dq) * ROUND_UP, "tensors": (q, k, v, dq, dk, dv, qn, kn),
+                 "bias": None if bias is None else bias.detach().to(x.dtype), "chunks": []}
         for t0 in range(0, T, max(1, rows)):
             t1 = min(T, t0 + max(1, rows))
             seen = allowed[t0:t1].any(0).nonzero()
@@ -364,6 +404,9 @@ class Attention(nn.Module):
         gamma = (q.size(-1) + 4) * _U64
         d_a = (f * (dq[:, :, None] * (kn[:, None, :] + dk[:, None, :]) + qn[:, :, None] * dk[:, None, :]
                     + gamma * qn[:, :, None] * kn[:, None, :]) + 4 * _U64 * raw.abs()) * ROUND_UP
+        if state["bias"] is not None:   # the offset is exact; adding it rounds once more
+            raw = raw + state["bias"][:, t0:t1, :S]
+            d_a = d_a + 2 * _U64 * raw.abs() * ROUND_UP
         center = torch.where(keys, raw, torch.full_like(raw, -math.inf))
         p = torch.softmax(center, -1)
         kappa, vbar = p @ k, p @ v                      # any fixed centres will do: the computed ones

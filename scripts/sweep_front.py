@@ -45,7 +45,17 @@ MIT_RECIPE = CAPS1 + ["model.constraint=normalize", "model.zero_init=true", "tra
 C8MLP4 = ["model.softmax_scale=8", "model.w_max.mlp_in=4"]
 FINETUNE = ["train.lr=0.03", "train.companion_lr=0.001", "train.warmup_steps=10"]
 C20VO4 = ["model.softmax_scale=20", "model.w_max.v=4", "model.w_max.o=4"]
+# position-only attention: a learned score offset per head and distance (model.position_bias), no
+# content scores (softmax_scale 0): the score path of every bound is 0, so attention costs only σ_V·σ_O
+PB = CAPS1 + ["model.position_bias=16", "model.softmax_scale=0"]
 POINTS = {
+    "pb-c0": PB,
+    "pb-c0-a0.5": PB + ["model.residual_alpha=0.5"],
+    "pb-c0-a0.5-mlpin2": PB + ["model.residual_alpha=0.5", "model.w_max.mlp_in=2"],
+    "pb-c0-a0.5-margin1e-2": PB + ["model.residual_alpha=0.5", "train.objective=margin_global", "train.eps=0.01"],
+    "pb-c0-a0.5-local1e-2": PB + ["model.residual_alpha=0.5", "train.objective=margin_local", "train.eps=0.01"],
+    "pb-c1-a0.5": CAPS1 + ["model.position_bias=16", "model.residual_alpha=0.5"],
+    "pb-c8-mlpin4": C8MLP4 + ["model.position_bias=16"],
     "preset": [],                                           # q, k caps 0.5: sound L ≈ 1.5
     "caps1": CAPS1,                                         # MIT's caps-1.0 point: sound L ≈ 5
     "caps1-mit-recipe": MIT_RECIPE,                         # + modula allocation, zero init, lr 9, normalize
@@ -147,22 +157,22 @@ def certify_best(m64, val, bounds, sequences: int) -> dict:
 
 
 def train_point(name: str, steps: int, out: Path, full: bool, batches: int, local_sequences: int = 0,
-                init_from: str | None = None) -> dict:
+                init_from: str | None = None, extra: list[str] = (), suffix: str = "") -> dict:
     from lipformer import LipformerForCausalLM
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import open_data, run
 
-    overrides = ([] if full else PROXY) + [f"train.max_steps={steps}"] + POINTS[name]
+    overrides = ([] if full else PROXY) + [f"train.max_steps={steps}"] + POINTS[name] + list(extra)
     if init_from:
         overrides.append(f"train.init_from={init_from}")
     recipe = load_recipe(preset="shakespeare-char", overrides=overrides)
     recipe.train.certify_radii = list(EPS)
     t0 = time.time()
-    run(recipe, out / name, overwrite=True, progress=False, log=lambda *_: None)
+    run(recipe, out / (name + suffix), overwrite=True, progress=False, log=lambda *_: None)
     seconds = time.time() - t0
-    model = LipformerForCausalLM.from_pretrained(out / name / "final")
+    model = LipformerForCausalLM.from_pretrained(out / (name + suffix) / "final")
     _, val, _, _ = open_data(recipe)
-    return {"name": name, "overrides": POINTS[name], "init_from": init_from, "steps": steps, "full_size": full,
+    return {"name": name + suffix, "overrides": POINTS[name] + list(extra), "init_from": init_from, "steps": steps, "full_size": full,
             "seconds_per_step": seconds / steps, **certify_model(model, val, batches, local_sequences)}
 
 
@@ -255,6 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--local-sequences", type=int, default=0,
                    help="also certify this many val sequences with the best (local or global) radius")
     p.add_argument("--init-from", default=None, help="a saved model folder whose weights start every point")
+    p.add_argument("--extra", default="", help="comma list of overrides appended to every point")
+    p.add_argument("--suffix", default="", help="appended to every point's name (with --extra)")
     p.add_argument("--bench", action="store_true")
     p.add_argument("--report", action="store_true")
     p.add_argument("--plot-eps", default="0.01", choices=[f"{e:g}" for e in EPS])
@@ -275,7 +287,8 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     for name in a.points.split(","):
-        row = train_point(name, a.steps, out, a.full, a.batches, a.local_sequences, a.init_from)
+        row = train_point(name, a.steps, out, a.full, a.batches, a.local_sequences, a.init_from,
+                          [x for x in a.extra.split(",") if x], a.suffix)
         print(json.dumps(row), flush=True)
         with open(out / "front.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

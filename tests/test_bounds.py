@@ -91,6 +91,35 @@ def test_attention_bound(mode, radius, scale):
         assert output_ascent(f, x, radius) <= b.output * SLACK
 
 
+def sharp_offsets(module, seed=0):
+    """Position offsets of scale 4: heads that pick a few distances (the bias carries no bound)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("position_bias"):
+                p.copy_(4 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+@pytest.mark.parametrize("mode", ["cap", "random", "qk"])
+@pytest.mark.parametrize("scale", [0.0, 4.0])
+def test_attention_bound_with_a_position_bias(mode, scale):
+    """The learned offsets do not depend on the input, so §4's bound stands unchanged; at softmax
+    scale 0 attention is a fixed convex mixing and the bound is the value path alone."""
+    attn = sharp_offsets(perturb_weights(Attention(config(softmax_scale=scale, position_bias=4)).double(), mode))
+    T, radius = 6, 1.0
+    f = attention_fn(attn, T)
+    b = attn.bound(radius)
+    if scale == 0:
+        sv = torch.stack([torch.linalg.matrix_norm(w, 2) for w in attn.v.weight.detach().chunk(4)])
+        value_only = float(torch.linalg.matrix_norm(attn.o.weight.detach(), 2) * sv.pow(2).sum().sqrt() / 3)
+        assert b.lipschitz == pytest.approx(value_only, rel=1e-3)   # (sound σ's carry a small margin)
+    for seed in range(2):
+        x = inputs((1, T, 32), radius, seed)
+        assert empirical_lipschitz(f, x, radius, seed=seed) <= b.lipschitz * SLACK
+        assert output_ascent(f, x, radius) <= b.output * SLACK
+
+
 def test_attention_bound_grows_with_the_input_bound():
     """The q·k term makes attention's constant depend on B: a bound valid at B=1 is wrong at B=4."""
     attn = perturb_weights(Attention(config(softmax_scale=4.0)).double(), "qk")
@@ -111,10 +140,13 @@ def test_block_bound(mode):
     assert output_ascent(f, x, 1.0) <= mlp.output * SLACK
 
 
-@pytest.mark.parametrize("mode", ["cap", "random", "qk"])
+@pytest.mark.parametrize("mode", ["cap", "random", "qk", "position"])
 def test_model_body_and_total_bounds(mode):
     """From inputs_embeds with *no* constraint on them (the input ball handles any input)."""
-    model = perturb_weights(LipformerForCausalLM(config()).double(), mode)
+    if mode == "position":   # position offsets on top of content scores, weights past their caps
+        model = sharp_offsets(perturb_weights(LipformerForCausalLM(config(position_bias=5)).double(), "qk"))
+    else:
+        model = perturb_weights(LipformerForCausalLM(config()).double(), mode)
     bounds = model.bounds()
     x = inputs((1, 8, 32), 1.0) * 3.0  # far outside the ball, so the projection is active
     body = empirical_lipschitz(lambda e: model.model(inputs_embeds=e).last_hidden_state, x, None)

@@ -2,7 +2,10 @@
 
 A random lipformer with mild caps predicts almost the same token whatever came before, so a cache
 that silently drops the context would pass every comparison. These tests use sharp attention
-(softmax_scale 8, larger caps) and first check that the context really matters (the control).
+(softmax_scale 8, larger caps) and first check that the context really matters (the control). Every
+test that takes the `model` fixture runs twice: on content attention, and on position-only attention
+(softmax_scale 0, a sharp learned bias per distance), whose cached decoding must read each key's
+distance from its cache slot.
 """
 
 import pytest
@@ -19,14 +22,22 @@ SHARP = dict(vocab_size=len(ALPHABET), hidden_size=64, num_hidden_layers=2, num_
              w_max={"q": 2, "k": 2, "v": 2, "o": 2, "mlp_in": 2, "mlp_out": 2, "head": 8})
 
 
-def sharp_model(**overrides) -> LipformerForCausalLM:
+VARIANTS = {"content": {}, "position": dict(softmax_scale=0.0, position_bias=8)}
+
+
+def sharp_model(variant: str = "content", **overrides) -> LipformerForCausalLM:
     torch.manual_seed(0)
-    return LipformerForCausalLM(LipformerConfig(**{**SHARP, **overrides})).eval()
+    model = LipformerForCausalLM(LipformerConfig(**{**SHARP, **VARIANTS[variant], **overrides})).eval()
+    if variant == "position":  # sharp offsets: each head picks a few distances
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.attn.position_bias.copy_(4 * torch.randn_like(layer.attn.position_bias))
+    return model
 
 
-@pytest.fixture(scope="module")
-def model():
-    return sharp_model()
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def model(request):
+    return sharp_model(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +121,25 @@ def test_pipeline_output_equals_manual_greedy_decoding(model):
 
 
 @torch.no_grad()
-def test_eager_and_sdpa_give_the_same_logits(prompts):
-    sdpa, eager = sharp_model().double(), sharp_model(attn_implementation="eager").double()
+def test_a_position_bias_is_read_from_the_cache_slots(prompts, monkeypatch):
+    """Control for the position variant: decoding that counts distances from the first new token
+    (ignoring what the cache holds) gives other logits, so the cached tests above can fail."""
+    from lipformer.nn import Attention
+    model = sharp_model("position")
+    ids = greedy_by_recompute(model, prompts[0][None], 6)
+    full = model(ids, use_cache=False).logits[:, -1]
+    cache = model(ids[:, :-1], use_cache=True).cache
+    torch.testing.assert_close(model(ids[:, -1:], cache=cache).logits[:, -1], full, rtol=0, atol=1e-5)
+    biased = Attention._biased_mask
+    monkeypatch.setattr(Attention, "_biased_mask", lambda self, mask, start, *a: biased(self, mask, 0, *a))
+    cache = model(ids[:, :-1], use_cache=True).cache
+    assert (model(ids[:, -1:], cache=cache).logits[:, -1] - full).abs().max() > 0.1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_eager_and_sdpa_give_the_same_logits(prompts, variant):
+    sdpa, eager = sharp_model(variant).double(), sharp_model(variant, attn_implementation="eager").double()
     assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
     ids = torch.stack([F.pad(prompts[1], (5, 0)), prompts[0]])
     mask = (torch.arange(12) >= torch.tensor([[5], [0]])).long()

@@ -168,8 +168,7 @@ VOCAB = sorted(set(TEXT))
 IDS = [VOCAB.index(ch) for ch in TEXT]
 
 
-@pytest.fixture(scope="module")
-def sharp():
+def trained_sharp(**kw):
     """A small model whose attention is sharp (c = 8), trained 40 AdamW steps with the hard cap: the
     regime where local and global bounds differ by orders of magnitude."""
     from lipformer.constraints import SpectralProjection
@@ -177,7 +176,7 @@ def sharp():
     torch.manual_seed(0)
     model = LipformerForCausalLM(LipformerConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
                                                  num_attention_heads=4, max_position_embeddings=64,
-                                                 softmax_scale=8.0, w_max={"head": 4.0}))
+                                                 softmax_scale=8.0, w_max={"head": 4.0}, **kw))
     ids = torch.tensor([IDS[:64]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     project = SpectralProjection(model, opt)
@@ -190,6 +189,17 @@ def sharp():
     return certify.float64_copy(model)
 
 
+@pytest.fixture(scope="module")
+def sharp():
+    return trained_sharp()
+
+
+@pytest.fixture(scope="module")
+def sharp_position():
+    """The same with learned position offsets on the scores (position_bias)."""
+    return trained_sharp(position_bias=8)
+
+
 def surrogate(model, ids, eps, sigma=exact_sigma, **kw):
     from lipformer.training.local_surrogate import local_deviation, recording
 
@@ -198,10 +208,13 @@ def surrogate(model, ids, eps, sigma=exact_sigma, **kw):
     return local_deviation(model, seen, eps, sigma)
 
 
-def test_local_surrogate_equals_the_sound_local_bound_with_exact_sigmas(sharp):
+@pytest.mark.parametrize("which", ["sharp", "sharp_position"])
+def test_local_surrogate_equals_the_sound_local_bound_with_exact_sigmas(which, request):
     """Same recursion as local_certify.final_radii: with exact σ's in float64 the two differ only by
     the sound one's rounding allowances and σ upper bounds (≤ 1e-3 relative), from below."""
     from lipformer.local_certify import clean_pass, final_radii
+
+    sharp = request.getfixturevalue(which)
 
     ids = torch.tensor([IDS[:40], IDS[40:80]])
     global_e = None

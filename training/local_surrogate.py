@@ -88,6 +88,9 @@ def attention_local(att, x: Tensor, rope, allowed: Tensor, e: Tensor, sig: dict,
     v = split(att.v(x))
     keys = allowed[:, None]                                                     # (B|1, 1, T, T)
     a = f * (q @ k.mT)
+    bias = att.score_bias(torch.arange(T, device=x.device), T)
+    if bias is not None:   # input-independent: it shifts the clean scores, never β
+        a = a + bias.to(a.dtype)
     p = torch.softmax(a.masked_fill(~keys, -math.inf), -1)
     kappa, vbar = p @ k, p @ v
     kd = _distances(kappa, k)                                                   # ≥ ‖k_s − κ_t‖
