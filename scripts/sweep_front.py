@@ -176,6 +176,28 @@ def train_point(name: str, steps: int, out: Path, full: bool, batches: int, loca
             "seconds_per_step": seconds / steps, **certify_model(model, val, batches, local_sequences)}
 
 
+def measure_run(folder: Path, batches: int, local_sequences: int) -> dict:
+    """The same row for a run trained elsewhere (e.g. `lipformer train --preset shakespeare-char`),
+    on val batches of its own sequence length and batch size."""
+    from lipformer import LipformerForCausalLM
+    from lipformer.training.recipe import load_recipe
+    from lipformer.training.train import open_data
+
+    saved = json.loads((folder / "run.json").read_text())
+    recipe = load_recipe(preset="shakespeare-char", overrides=[
+        f"model.max_position_embeddings={saved['model'].get('max_position_embeddings', 256)}",
+        f"train.batch_size={saved['train']['batch_size']}"])
+    _, val, _, _ = open_data(recipe)
+    model = LipformerForCausalLM.from_pretrained(folder / "final")
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = max(m.get("step", 0) for m in metrics)
+    elapsed = max(m.get("elapsed", 0.0) for m in metrics)
+    return {"name": folder.name, "overrides": saved["model"], "train": {k: saved["train"].get(k) for k in (
+                "objective", "eps", "margin_weight", "eps_warmup", "lr", "dtype")},
+            "init_from": None, "steps": steps, "full_size": True, "seconds_per_step": elapsed / max(steps, 1),
+            **certify_model(model, val, batches, local_sequences)}
+
+
 def bench(steps: int = 10) -> dict:
     """Seconds per train step, ce vs margin_global, on the proxy, interleaved in one process."""
     from lipformer import LipformerConfig, LipformerForCausalLM
@@ -239,8 +261,10 @@ def report(out: Path) -> None:
         ax.text(100 * acc, 1, label, rotation=90, fontsize=7, color="grey", va="bottom", ha="right")
     for i, r in enumerate(rows):
         x, y = 100 * r["val_acc"], 100 * r.get("certified_best", r["certified"])[PLOT_EPS]
-        margin = any(o.startswith("train.objective=margin") for o in r["overrides"])
-        ax.scatter(x, y, marker="D" if margin else "o", color="C3" if margin else "C0")
+        margin = (any(str(o).startswith("train.objective=margin") for o in r["overrides"])
+                  or (r.get("train") or {}).get("objective", "ce") != "ce")
+        ax.scatter(x, y, marker="D" if margin else "o", color="C3" if margin else "C0",
+                   s=90 if r.get("full_size") else 30, edgecolors="k" if r.get("full_size") else "none")
         ax.annotate(f"{r['name']} (L {r['sound_L']:.2g})", (x, y), fontsize=7, xytext=(3, 3 + 9 * (i % 3)),
                     textcoords="offset points")
     ax.plot([0, 100], [0, 100], color="k", lw=0.5, label="certified = accuracy")
@@ -249,7 +273,8 @@ def report(out: Path) -> None:
     ax.set_ylim(-1, 50)
     ax.set_xlabel("val accuracy (%)")
     ax.set_ylabel(f"certified-and-correct at ε = {PLOT_EPS} (%)")
-    ax.set_title("accuracy vs certified accuracy (best sound radius where measured); ◆ = margin objective", fontsize=9)
+    ax.set_title("accuracy vs certified accuracy (best sound radius where measured); ◆ = margin objective, "
+                 "large = full size", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "front.png", dpi=120)
 
@@ -267,6 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", default=None, help="a saved model folder whose weights start every point")
     p.add_argument("--extra", default="", help="comma list of overrides appended to every point")
     p.add_argument("--suffix", default="", help="appended to every point's name (with --extra)")
+    p.add_argument("--measure", default=None, help="measure an already trained run folder instead of training")
     p.add_argument("--bench", action="store_true")
     p.add_argument("--report", action="store_true")
     p.add_argument("--plot-eps", default="0.01", choices=[f"{e:g}" for e in EPS])
@@ -280,6 +306,13 @@ def main(argv=None) -> int:
         return 0
     if a.report:
         report(out)
+        return 0
+    if a.measure:
+        row = measure_run(Path(a.measure), a.batches, a.local_sequences)
+        print(json.dumps(row), flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "front.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
         return 0
     unknown = [n for n in a.points.split(",") if n not in POINTS]
     if unknown:

@@ -137,6 +137,14 @@ def test_a_position_bias_is_read_from_the_cache_slots(prompts, monkeypatch):
 
 
 @torch.no_grad()
+def test_position_offsets_refuse_a_kernel_without_an_additive_mask(prompts):
+    model = sharp_model("position")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="position_bias needs attn_implementation 'eager' or 'sdpa'"):
+        model(prompts[0][None])
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_eager_and_sdpa_give_the_same_logits(prompts, variant):
     sdpa, eager = sharp_model(variant).double(), sharp_model(variant, attn_implementation="eager").double()
