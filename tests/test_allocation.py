@@ -60,6 +60,28 @@ def test_allocated_step_equals_plain_step_at_scaled_lr(name, extra):
     assert not torch.equal(allocated.model.layers[0].attn.q.weight, plain.model.layers[0].attn.q.weight)
 
 
+def test_position_offsets_get_their_own_scaled_step():
+    """`position` scales the companion lr of the attention's position offsets only (a step equal to a
+    plain AdamW step at scale · companion lr; every other tensor as without the scale)."""
+    def step(scale):
+        model = tiny(softmax_scale=0.0, position_bias=4)
+        one_step(model, name="muon", lr=0.05, companion_lr=0.01,
+                 allocation=None if scale is None else {"position": scale})
+        return model
+
+    plain, scaled = step(None), step(30.0)
+    bias = [n for n, _ in plain.named_parameters() if n.endswith("position_bias")]
+    assert len(bias) == 2
+    params = dict(scaled.named_parameters())
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, params[n]) != (n in bias), n
+    reference = tiny(softmax_scale=0.0, position_bias=4)
+    one_step(reference, name="muon", lr=0.05, companion_lr=0.3)    # every companion tensor at 30×
+    ref = dict(reference.named_parameters())
+    for n in bias:
+        assert torch.equal(params[n], ref[n])
+
+
 def test_groups_and_scheduler_keep_ratios():
     opt = build_optimizer(tiny(), "muon", lr=1.0, allocation="modula", companion="colnorm", companion_lr=0.5)
     lrs = sorted({round(g["lr"], 6) for g in opt.param_groups})

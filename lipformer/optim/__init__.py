@@ -43,8 +43,11 @@ def _matrices(model: nn.Module) -> list[torch.Tensor]:
 
 def _kinds(model: nn.Module) -> dict[int, str]:
     """id(weight) → weight kind, for every module that declares one (capped matrices, embedding)."""
-    return {id(m.weight): kind_of(m) for m in model.modules()
-            if kind_of(m) is not None and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    kinds = {id(m.weight): kind_of(m) for m in model.modules()
+             if kind_of(m) is not None and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    kinds.update({id(m.position_bias): "position" for m in model.modules()
+                  if isinstance(getattr(m, "position_bias", None), nn.Parameter)})
+    return kinds
 
 
 def _split_by_kind(params: list[torch.Tensor], kinds: dict[int, str], base_lr: float | None,

@@ -1,7 +1,8 @@
 """Per-kind step-size allocation: one learning-rate multiplier per weight kind.
 
 A lipformer model has eight weight kinds (`lipformer.config.WEIGHT_KINDS`): embed, q, k, v, o,
-mlp_in, mlp_out, head. An *allocation* maps kinds to a scale s_kind; the optimizer then runs each
+mlp_in, mlp_out, head; and, when `position_bias` is on, the attention's position offsets ("position",
+a companion tensor with no cap). An *allocation* maps kinds to a scale s_kind; the optimizer then runs each
 kind in its own param group with lr_kind = s_kind · base lr, where the base is `lr` for the capped
 matrices and `companion_lr` for the companion's tensors (the embedding). Kinds left out keep 1.
 Because the scale lives in the group's "lr", every optimizer, the LR scheduler (which scales each
@@ -26,8 +27,9 @@ from collections.abc import Mapping
 
 from ..config import WEIGHT_KINDS
 
+KINDS = (*WEIGHT_KINDS, "position")   # what an allocation may scale
 ALLOCATIONS: dict[str, dict[str, float]] = {
-    "uniform": {kind: 1.0 for kind in WEIGHT_KINDS},
+    "uniform": {kind: 1.0 for kind in KINDS},
     "modula": {"q": 0.94, "k": 0.94, "v": 0.94, "o": 0.31, "mlp_in": 0.31, "mlp_out": 0.31,
                "head": 0.029, "embed": 0.029},
 }
@@ -47,9 +49,9 @@ def resolve_allocation(allocation: str | Mapping[str, float] | None) -> dict[str
         return dict(ALLOCATIONS[allocation])
     if not isinstance(allocation, Mapping):
         raise ValueError(f"allocation must be a preset name or a mapping kind -> scale, got {allocation!r}")
-    unknown = sorted(set(allocation) - set(WEIGHT_KINDS), key=str)
+    unknown = sorted(set(allocation) - set(KINDS), key=str)
     if unknown:
-        raise ValueError(f"allocation has unknown kinds {unknown}; kinds: {', '.join(WEIGHT_KINDS)}")
+        raise ValueError(f"allocation has unknown kinds {unknown}; kinds: {', '.join(KINDS)}")
     table = dict(ALLOCATIONS["uniform"])
     for kind, scale in allocation.items():
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -63,4 +65,4 @@ def kind_of(module) -> str | None:
     return getattr(module, "kind", None) if getattr(module, "kind", None) in WEIGHT_KINDS else None
 
 
-__all__ = ["ALLOCATIONS", "kind_of", "resolve_allocation"]
+__all__ = ["ALLOCATIONS", "KINDS", "kind_of", "resolve_allocation"]
