@@ -1,6 +1,6 @@
 """Is a model's *certified* accuracy above what any 1-character predictor can score, on the same positions?
 
-For the first N val sequences of the d 128 proxy (seq 64): accuracy, certified-and-correct at
+For the first N val sequences (seq 64 as in the d 128 proxy, or --seq): accuracy, certified-and-correct at
 ε ∈ {1e-3, 3e-3, 1e-2, 3e-2} with the best sound radius (local or global, docs/lipschitz.md §9), its
 standard error over sequences (positions within a sequence are correlated), and two references on
 exactly those positions — the train-counted most-frequent-next-character table, and the oracle
@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("run", help="a run folder with final/ (trained by scripts/sweep_front.py)")
     p.add_argument("--sequences", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seq", type=int, default=64, help="sequence length (256 for the full-size preset)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from lipformer import LipformerForCausalLM, certify
@@ -31,7 +32,8 @@ def main(argv=None) -> int:
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import open_data
 
-    recipe = load_recipe(preset="shakespeare-char", overrides=["model.max_position_embeddings=64", "train.batch_size=32"])
+    recipe = load_recipe(preset="shakespeare-char", overrides=[f"model.max_position_embeddings={a.seq}",
+                                                              "train.batch_size=32"])
     train, val, _, vocab = open_data(recipe)
     tokens = np.concatenate([np.asarray(D.load_tokens(f)) for f in train.files]).astype(np.int64)
     table = torch.tensor(np.bincount(tokens[:-1] * vocab + tokens[1:], minlength=vocab * vocab)
