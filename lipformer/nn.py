@@ -381,10 +381,8 @@ class Attention(nn.Module):
         xn = spectral.row_norm_upper(x)
         dq, dk, dv = (2 * lam * s[:, None] * xn[None] for s in (sq, sk, sv))          # (H, T)
         qn, kn = spectral.row_norm_upper(q), spectral.row_norm_upper(k)
-        bias = self.score_bias(torch.arange(T, device=x.device), T)
         state = {"sq": sq, "sk": sk, "sv": sv, "so": float(_sigma(self.o.weight)), "f": c / dh,
-                 "q_up": (qn + dq) * ROUND_UP, "tensors": (q, k, v, dq, dk, dv, qn, kn),
-                 "bias": None if bias is None else bias.detach().to(x.dtype), "chunks": []}
+                 "q_up": (qn + dq) * ROUND_UP, "tensors": (q, k, v, dq, dk, dv, qn, kn), "chunks": []}
         for t0 in range(0, T, max(1, rows)):
             t1 = min(T, t0 + max(1, rows))
             seen = allowed[t0:t1].any(0).nonzero()
@@ -404,8 +402,9 @@ class Attention(nn.Module):
         gamma = (q.size(-1) + 4) * _U64
         d_a = (f * (dq[:, :, None] * (kn[:, None, :] + dk[:, None, :]) + qn[:, :, None] * dk[:, None, :]
                     + gamma * qn[:, :, None] * kn[:, None, :]) + 4 * _U64 * raw.abs()) * ROUND_UP
-        if state["bias"] is not None:   # the offset is exact; adding it rounds once more
-            raw = raw + state["bias"][:, t0:t1, :S]
+        bias = self.score_bias(torch.arange(t0, t1, device=raw.device), S)   # this chunk's rows only
+        if bias is not None:   # the offset is exact; adding it rounds once more
+            raw = raw + bias.detach().to(raw.dtype)
             d_a = d_a + 2 * _U64 * raw.abs() * ROUND_UP
         center = torch.where(keys, raw, torch.full_like(raw, -math.inf))
         p = torch.softmax(center, -1)

@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=8)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    from copy import deepcopy
     from pathlib import Path
 
     from lipformer import LipformerForCausalLM
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     if Path(a.out).exists():
         raise SystemExit(f"{a.out} exists; choose a new folder")
     model = LipformerForCausalLM.from_pretrained(a.model).eval()
-    copy = LipformerForCausalLM.from_pretrained(a.model).eval()
+    copy = deepcopy(model)
     factor = a.cap / model.config.w_max["head"]
     with torch.no_grad():
         copy.head.weight.mul_(factor)
