@@ -19,10 +19,11 @@ WEIGHT_KINDS = ("embed", "q", "k", "v", "o", "mlp_in", "mlp_out", "head")
 CONSTRAINTS = ("hard_cap", "soft_cap", "normalize", "hammer", "spectral_wd", "none")
 CAP_METHODS = ("auto", "eigh", "polar", "svd", "poly")
 LINEAR_KINDS = ("dense", "poet")
+ACTIVATIONS = ("gelu", "maxmin")
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "poet_block_size", "poet_neumann_terms", "position_bias")
 _FLOAT_FIELDS = ("rope_theta", "softmax_scale", "residual_alpha", "input_radius")
-_STR_FIELDS = ("constraint", "cap_method", "linear")
+_STR_FIELDS = ("constraint", "cap_method", "linear", "activation")
 _BOOL_FIELDS = ("use_cache", "tie_word_embeddings", "zero_init")
 _OPTIONAL = ("intermediate_size", "residual_alpha", "input_radius")
 
@@ -50,6 +51,10 @@ class LipformerConfig(PreTrainedConfig):
     position_bias: W > 0 adds a learned offset per head and query–key distance 0..W−1 to the scores
         (keys farther back share the last one); it does not depend on the input, so it costs no
         Lipschitz bound. 0 (default): no bias.
+    activation: the MLP's activation: "gelu" (gelu(z)/1.1289, the paper's) or "maxmin" (GroupSort of
+        pairs: unit i of the first half and of the second half become their max and min; exactly
+        1-Lipschitz and norm-preserving, so the signal is not halved where the bound pays full
+        slope). intermediate_size must be even for maxmin.
     residual_alpha: convex residual x ← (1−α)x + α f(x); default 1/(2N).
     w_max: cap per weight kind in the RMS→RMS operator norm sqrt(d_in/d_out)·σ_max
         (for "embed": the largest RMS of a token vector). Missing kinds default to 1.
@@ -76,6 +81,7 @@ class LipformerConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     softmax_scale: float = 1.0
     position_bias: int = 0
+    activation: str = "gelu"
     residual_alpha: float | None = None
     w_max: dict | None = None
     input_radius: float | None = None
@@ -161,6 +167,9 @@ class LipformerConfig(PreTrainedConfig):
         need(math.isfinite(self.softmax_scale) and self.softmax_scale >= 0,
              f"softmax_scale must be >= 0, got {self.softmax_scale}")
         need(self.position_bias >= 0, f"position_bias must be >= 0 (a window of distances; 0 = none), got {self.position_bias}")
+        need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        need(self.activation != "maxmin" or self.intermediate_size % 2 == 0,
+             f"activation 'maxmin' pairs the MLP's units: intermediate_size must be even, got {self.intermediate_size}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         need(self.constraint in CONSTRAINTS, f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
         need(self.cap_method in CAP_METHODS, f"cap_method must be one of {CAP_METHODS}, got {self.cap_method!r}")

@@ -33,6 +33,18 @@ GELU_DIVISOR = 1.1289
 GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.sqrt(2.0) * math.exp(-1.0) / math.sqrt(2.0 * math.pi)
 GELU_LIPSCHITZ = GELU_MAX_SLOPE / GELU_DIVISOR * (1.0 + 1e-12)
 ATTENTION_DIVISOR = 3.0
+ACTIVATIONS = ("gelu", "maxmin")
+
+
+def maxmin(z: Tensor) -> Tensor:
+    """GroupSort with groups of two (Anil, Lucas & Grosse 2019): unit i of the first half and unit
+    i of the second half become (max, min). Wherever it is differentiable its Jacobian is a
+    permutation, so it is exactly 1-Lipschitz in ℓ2 *and* keeps every norm (‖maxmin(z)‖ = ‖z‖):
+    unlike GELU, which halves a small signal (slope 1/2 at 0) while the bound pays its peak
+    slope, it passes the whole signal through at the price the bound charges. Exact in floating
+    point (comparisons only)."""
+    a, b = z.chunk(2, dim=-1)
+    return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=-1)
 _U64 = 2.0**-53  # float64 unit roundoff
 
 
@@ -468,47 +480,62 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """W_out · gelu(W_in x) / 1.1289."""
+    """W_out · act(W_in x), act = gelu(·)/1.1289 (the paper's) or maxmin (norm-preserving)."""
 
     def __init__(self, config: LipformerConfig, linear: LinearFactory = dense_linear):
         super().__init__()
         d, h = config.hidden_size, config.intermediate_size
         self.fc_in = linear(config, d, h, "mlp_in")
         self.fc_out = linear(config, h, d, "mlp_out")
+        self.activation = config.activation
+        # act_lipschitz: the activation's Lipschitz constant; act_shrink: rms(act(z)) ≤ act_shrink·rms(z)
+        if self.activation == "maxmin":
+            self.act_lipschitz, self.act_shrink = 1.0, 1.0
+        else:
+            self.act_lipschitz, self.act_shrink = GELU_LIPSCHITZ, 1.0 / GELU_DIVISOR
+
+    def act(self, z: Tensor) -> Tensor:
+        return maxmin(z) if self.activation == "maxmin" else F.gelu(z) / GELU_DIVISOR
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)) / GELU_DIVISOR)
+        return self.fc_out(self.act(self.fc_in(x)))
 
     def bound(self, input_bound: float) -> Bound:
-        # |gelu(z)| ≤ |z| entrywise, so the activation also shrinks magnitudes by 1/1.1289.
+        # |gelu(z)| ≤ |z| entrywise, so GELU also shrinks magnitudes by 1/1.1289; maxmin keeps them.
         first = self.fc_in.bound(input_bound)
-        second = self.fc_out.bound(first.output / GELU_DIVISOR)
-        return Bound(first.lipschitz * GELU_LIPSCHITZ * second.lipschitz, second.output)
+        second = self.fc_out.bound(first.output * self.act_shrink)
+        return Bound(first.lipschitz * self.act_lipschitz * second.lipschitz, second.output)
 
     def rounding_error(self, input_bound: float, lam: float) -> float:
-        """rms bound on |float64 forward − exact forward| at one computed input of rms ≤ B (§6a)."""
+        """rms bound on |float64 forward − exact forward| at one computed input of rms ≤ B (§6a).
+        (maxmin is exact in floating point, so GELU's allowance covers it.)"""
         return 3.0 * lam * self.fc_in.norm_upper() * self.fc_out.norm_upper() * input_bound
 
     def local_prepare(self, x: Tensor) -> dict:
         """The ε-independent part of the local bound at the computed input x (T, d)."""
+        gain = float(_sigma(self.fc_out.weight)) * float(_sigma(self.fc_in.weight)) * self.act_shrink
+        if self.activation == "maxmin":   # a permutation Jacobian everywhere: no local slope to gain
+            return {"gain": gain}
         W_in = self.fc_in.weight.detach()
         z = F.linear(x, W_in)                                                   # (T, d_ff)
         rows = spectral.row_norm_upper(W_in)                                    # (d_ff,)
         # |ẑ_ti − z_ti| ≤ γ_d‖w_i‖‖x_t‖ (a d-term dot product)
         dz = (x.size(-1) + 2) * _U64 * rows[None] * spectral.row_norm_upper(x)[:, None] * ROUND_UP
         return {"clean": gelu_slope(z).abs().amax(-1) + 1e-13,                  # (T,): erf, exp within ulps
-                "row_max": rows.max(), "dz": dz.amax(-1),
-                "gain": float(_sigma(self.fc_out.weight)) * float(_sigma(self.fc_in.weight)) / GELU_DIVISOR}
+                "row_max": rows.max(), "dz": dz.amax(-1), "gain": gain}
 
     def local_bound(self, x: Tensor, e: Tensor, input_bound: float, lam: float, prepared: dict | None = None) -> Tensor:
         """Per-token ℓ2 radii of the output around the exact output at x̂ (docs/lipschitz.md §9c):
         σ_out·σ_in·m_t/1.1289·e_t, m_t ≥ |GELU′| anywhere in every unit's reachable interval
         z_ti ± ‖w_i‖e_t: m_t = max_i |GELU′(ẑ_ti)| + max|GELU″|·max_i(‖w_i‖e_t + rounding).
-        x: (T, d); e: (K, T); prepared: `local_prepare(x)`; returns (K, T)."""
+        maxmin: σ_out·σ_in·e_t. x: (T, d); e: (K, T); prepared: `local_prepare(x)`; returns (K, T)."""
         P = prepared if prepared is not None else self.local_prepare(x)
-        reach = (P["row_max"] * e + P["dz"]) * ROUND_UP                          # (K, T)
-        slope = torch.clamp(P["clean"] + GELU_CURVATURE_MAX * reach, max=GELU_SLOPE_MAX_UP)
-        local = P["gain"] * slope * e * ROUND_UP
+        if self.activation == "maxmin":
+            local = P["gain"] * e * ROUND_UP
+        else:
+            reach = (P["row_max"] * e + P["dz"]) * ROUND_UP                      # (K, T)
+            slope = torch.clamp(P["clean"] + GELU_CURVATURE_MAX * reach, max=GELU_SLOPE_MAX_UP)
+            local = P["gain"] * slope * e * ROUND_UP
         return torch.minimum(local, self.bound(input_bound).lipschitz * e)
 
 def residual_bound(alpha: float, input_bound: float, branch: Bound) -> Bound:

@@ -31,8 +31,11 @@ def _norms(model) -> dict:
 
 @torch.no_grad()
 def mit_lipschitz(model) -> float:
-    """Their formula on this model's weights (NOT SOUND; see the module docstring)."""
+    """Their formula on this model's weights (NOT SOUND; see the module docstring). NaN for a model
+    whose MLP is not their GELU (activation "maxmin"): the formula has no term for it."""
     cfg = model.config
+    if getattr(cfg, "activation", "gelu") != "gelu":
+        return float("nan")
     N, c = cfg.num_hidden_layers, cfg.softmax_scale
     alpha = 1.0 / (2 * N)  # their residual weight, whatever the model's residual_alpha is
     norms = _norms(model)

@@ -1,7 +1,8 @@
 """The accuracy–robustness front: train points through the real loop, certify each, plot.
 
-Each point is a set of recipe overrides on a proxy of `shakespeare-char` (d 128, 3 blocks, 4 heads,
-seq 64, batch 32 by default; `--full` uses the preset's own size). Per run it records
+Each point is a set of recipe overrides on a fixed base recipe, `scripts/front_base.toml` (the
+`shakespeare-char` size with plain cross-entropy, float32, q/k caps 0.5, the others 1), run as a proxy
+(d 128, 3 blocks, 4 heads, seq 64, batch 32) by default or at the base's own size with `--full`. Per run it records
 
     val accuracy (fixed val batches), certified-and-correct accuracy at ε ∈ {1e-3, 1e-2, 3e-2},
     median certified radius, the sound global L (`model.bounds().total`), and MIT's accounting of
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mit_accounting import mit_lipschitz  # noqa: E402
 
 EPS = (1e-3, 1e-2, 3e-2)
+BASE = Path(__file__).with_name("front_base.toml")   # every point's starting recipe (not the moving preset)
 PLOT_EPS = "0.01"   # the ε of the plot's vertical axis (--plot-eps)
 NGRAM = {"1-char table": 0.263, "2-char table": 0.395, "3-char table": 0.486}
 PROXY = ["model.hidden_size=128", "model.num_hidden_layers=3", "model.num_attention_heads=4",
@@ -165,7 +167,7 @@ def train_point(name: str, steps: int, out: Path, full: bool, batches: int, loca
     overrides = ([] if full else PROXY) + [f"train.max_steps={steps}"] + POINTS[name] + list(extra)
     if init_from:
         overrides.append(f"train.init_from={init_from}")
-    recipe = load_recipe(preset="shakespeare-char", overrides=overrides)
+    recipe = load_recipe(config_file=str(BASE), overrides=overrides)
     recipe.train.certify_radii = list(EPS)
     t0 = time.time()
     run(recipe, out / (name + suffix), overwrite=True, progress=False, log=lambda *_: None)
@@ -207,7 +209,7 @@ def bench(steps: int = 10) -> dict:
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import build_optimizer_for, open_data, train_step
 
-    recipe = load_recipe(preset="shakespeare-char", overrides=PROXY + CAPS1)
+    recipe = load_recipe(config_file=str(BASE), overrides=PROXY + CAPS1)
     train, _, _, vocab = open_data(recipe)
     names = ("ce", "margin_global", "margin_local")
     times = {n: [] for n in names}

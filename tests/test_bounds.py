@@ -13,7 +13,7 @@ from lipformer.config import LipformerConfig
 from lipformer.empirical import empirical_lipschitz, output_ascent, seq_norm
 from lipformer.nn import project_to_ball
 from lipformer.nn import (GELU_DIVISOR, GELU_LIPSCHITZ, GELU_MAX_SLOPE, MLP, Attention, Block,
-                          CappedLinear, rope_tables)
+                          CappedLinear, maxmin, rope_tables)
 from lipformer.modeling import LipformerForCausalLM
 
 SLACK = 1 + 1e-9  # float64 rounding of the forward itself
@@ -66,10 +66,23 @@ def test_linear_bound_is_exact(mode, shape):
     assert emp <= bound * SLACK and emp >= 0.99 * bound
 
 
+def test_maxmin_keeps_norms_and_is_1_lipschitz():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 16, generator=g, dtype=torch.float64)
+    assert torch.allclose(maxmin(z).norm(dim=-1), z.norm(dim=-1), rtol=1e-15, atol=0)
+    w = z + 0.3 * torch.randn(500, 16, generator=g, dtype=torch.float64)
+    ratio = (maxmin(z) - maxmin(w)).norm(dim=-1) / (z - w).norm(dim=-1)
+    assert ratio.max() <= 1 + 1e-12
+    assert ratio.min() < 0.999   # a control: it is not an isometry of differences (pairs swap)
+    # a unit of the first half pairs with the same unit of the second half
+    assert torch.equal(maxmin(torch.tensor([1.0, 5.0, 3.0, 2.0])), torch.tensor([3.0, 5.0, 1.0, 2.0]))
+
+
 @pytest.mark.parametrize("mode", ["cap", "random"])
 @pytest.mark.parametrize("radius", [0.5, 2.0])
-def test_mlp_bound(mode, radius):
-    mlp = perturb_weights(MLP(config()).double(), mode)
+@pytest.mark.parametrize("activation", ["gelu", "maxmin"])
+def test_mlp_bound(mode, radius, activation):
+    mlp = perturb_weights(MLP(config(activation=activation)).double(), mode)
     b = mlp.bound(radius)
     x = inputs((1, 6, 32), radius)
     assert empirical_lipschitz(mlp, x, radius) <= b.lipschitz * SLACK
@@ -140,11 +153,14 @@ def test_block_bound(mode):
     assert output_ascent(f, x, 1.0) <= mlp.output * SLACK
 
 
-@pytest.mark.parametrize("mode", ["cap", "random", "qk", "position"])
+@pytest.mark.parametrize("mode", ["cap", "random", "qk", "position", "maxmin"])
 def test_model_body_and_total_bounds(mode):
     """From inputs_embeds with *no* constraint on them (the input ball handles any input)."""
     if mode == "position":   # position offsets on top of content scores, weights past their caps
         model = sharp_offsets(perturb_weights(LipformerForCausalLM(config(position_bias=5)).double(), "qk"))
+    elif mode == "maxmin":   # the norm-preserving activation, position-only attention, random weights
+        model = sharp_offsets(perturb_weights(LipformerForCausalLM(
+            config(position_bias=5, softmax_scale=0.0, activation="maxmin")).double(), "random"))
     else:
         model = perturb_weights(LipformerForCausalLM(config()).double(), mode)
     bounds = model.bounds()
@@ -155,8 +171,9 @@ def test_model_body_and_total_bounds(mode):
     assert bounds.total == pytest.approx(bounds.body * model.head.bound(1.0).lipschitz)
 
 
-def test_activation_bounds_hold_in_the_forward():
-    model = perturb_weights(LipformerForCausalLM(config()).double(), "random", seed=3)
+@pytest.mark.parametrize("activation", ["gelu", "maxmin"])
+def test_activation_bounds_hold_in_the_forward(activation):
+    model = perturb_weights(LipformerForCausalLM(config(activation=activation)).double(), "random", seed=3)
     bounds = model.bounds()
     seen = []
     hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(float(seq_norm(o.detach()))))

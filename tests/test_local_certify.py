@@ -56,8 +56,10 @@ def target(which: str, trained) -> LipformerForCausalLM:
     if which == "trained":
         return trained
     torch.manual_seed(1)
-    scale = {"c1": 1.0, "c20": 20.0, "c60": 60.0, "position": 0.0}.get(which, 8.0)
+    scale = {"c1": 1.0, "c20": 20.0, "c60": 60.0, "position": 0.0}.get(which.removesuffix("-mm"), 8.0)
     bias = dict(position_bias=6) if which.startswith("position") else {}
+    if which.endswith("-mm"):
+        bias["activation"] = "maxmin"
     model = tiny(softmax_scale=scale, linear="poet" if which == "poet" else "dense", **bias)
     with torch.no_grad():
         if which.startswith("position"):   # random weights under their caps, sharp random offsets
@@ -237,9 +239,10 @@ def test_attention_local_bound_at_an_exact_tie_of_two_top_scores():
 
 # --- the whole model ----------------------------------------------------------------------------
 
-FAST_MODELS = ("trained", "c60", "over3", "poet", "position", "position-c8")
+FAST_MODELS = ("trained", "c60", "over3", "poet", "position", "position-c8", "position-c8-mm")
 MODELS = [pytest.param(w, marks=() if w in FAST_MODELS else pytest.mark.slow)
-          for w in ("trained", "random", "c1", "c20", "c60", "over3", "poet", "position", "position-c8")]
+          for w in ("trained", "random", "c1", "c20", "c60", "over3", "poet", "position", "position-c8",
+                    "position-c8-mm")]
 
 
 @pytest.mark.parametrize("which", MODELS)
@@ -258,7 +261,7 @@ def test_final_radius_dominates_pgd_and_jacobian(which, trained):
         assert jac * small / eps <= e_small[t] * (1 + 1e-3), (which, t, jac * small / eps, float(e_small[t]))
 
 
-@pytest.mark.parametrize("which", ["trained", "position-c8"]
+@pytest.mark.parametrize("which", ["trained", "position-c8", "position-c8-mm"]
                          + [pytest.param(w, marks=pytest.mark.slow) for w in ("c20", "over3", "poet", "position")])
 def test_no_attack_breaks_a_local_radius_and_beyond_it_attacks_do(which, trained):
     model = target(which, trained)

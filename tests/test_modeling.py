@@ -57,12 +57,14 @@ def test_save_load_save_load_is_stable(saved, tmp_path):
         assert set(f.keys()) == set(model.state_dict())  # plain names, no parametrization keys
 
 
-def test_position_offsets_load_as_saved_not_re_initialized(tmp_path):
+@pytest.mark.parametrize("activation", ["gelu", "maxmin"])
+def test_position_offsets_load_as_saved_not_re_initialized(tmp_path, activation):
     """The learned offsets are a Parameter with an init (ALiBi-like slopes): from_pretrained must keep
-    the trained values (transformers 5 re-initializes what its guarded init helpers think is fresh)."""
+    the trained values (transformers 5 re-initializes what its guarded init helpers think is fresh).
+    With maxmin, the loaded model must also run maxmin (same logits), not the default GELU."""
     torch.manual_seed(0)
     config = LipformerConfig(vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=64, softmax_scale=0.0, position_bias=6)
+                             max_position_embeddings=64, softmax_scale=0.0, position_bias=6, activation=activation)
     model = LipformerForCausalLM(config).eval()
     fresh = model.model.layers[0].attn.position_bias.detach().clone()
     assert torch.equal(fresh[1, :3], torch.tensor([0.0, -0.5, -1.0]))   # head 1's slope 1/2
@@ -72,6 +74,7 @@ def test_position_offsets_load_as_saved_not_re_initialized(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.position_bias == 6 and loaded.config.softmax_scale == 0.0
+    assert loaded.config.activation == activation and loaded.model.layers[0].mlp.activation == activation
     for a, b in zip(model.model.layers, loaded.model.layers):
         assert torch.equal(a.attn.position_bias, b.attn.position_bias)
     ids = torch.randint(0, 20, (2, 30))

@@ -28,15 +28,16 @@ def exact_sigma(weight, heads=None):
     return torch.linalg.matrix_norm(W, ord=2)
 
 
-def test_body_lipschitz_matches_sound_bound():
-    model = model_off_caps()
+@pytest.mark.parametrize("activation", ["gelu", "maxmin"])
+def test_body_lipschitz_matches_sound_bound(activation):
+    model = model_off_caps(activation=activation)
     sound = model.bounds().body
     mirror = float(body_lipschitz(model, exact_sigma).detach())
     # bounds() uses certified σ upper bounds (≥ exact by ~1e-5 relative per matrix)
     assert mirror <= sound * (1 + 1e-9)
     assert mirror == pytest.approx(sound, rel=2e-3)
     # control: a different residual α changes both, so the match is not a coincidence
-    other = model_off_caps(residual_alpha=0.1)
+    other = model_off_caps(residual_alpha=0.1, activation=activation)
     assert float(body_lipschitz(other, exact_sigma).detach()) != pytest.approx(sound, rel=1e-2)
 
 
@@ -208,7 +209,13 @@ def surrogate(model, ids, eps, sigma=exact_sigma, **kw):
     return local_deviation(model, seen, eps, sigma)
 
 
-@pytest.mark.parametrize("which", ["sharp", "sharp_position"])
+@pytest.fixture(scope="module")
+def sharp_maxmin():
+    """The same with offsets and the norm-preserving maxmin activation."""
+    return trained_sharp(position_bias=8, activation="maxmin")
+
+
+@pytest.mark.parametrize("which", ["sharp", "sharp_position", "sharp_maxmin"])
 def test_local_surrogate_equals_the_sound_local_bound_with_exact_sigmas(which, request):
     """Same recursion as local_certify.final_radii: with exact σ's in float64 the two differ only by
     the sound one's rounding allowances and σ upper bounds (≤ 1e-3 relative), from below."""

@@ -214,7 +214,7 @@ _values = st.one_of(_ints, st.floats(allow_nan=True, allow_infinity=True), st.te
 _FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
            "max_position_embeddings", "rope_theta", "softmax_scale", "residual_alpha", "w_max", "input_radius",
            "constraint", "cap_method", "linear", "poet_block_size", "poet_neumann_terms", "use_cache",
-           "tie_word_embeddings", "pad_token_id", "position_bias"]
+           "tie_word_embeddings", "pad_token_id", "position_bias", "activation"]
 
 
 @FUZZ

@@ -119,7 +119,10 @@ def attention_local(att, x: Tensor, rope, allowed: Tensor, e: Tensor, sig: dict,
 
 def mlp_local(mlp, x: Tensor, e: Tensor, sig: dict, glob: Tensor) -> Tensor:
     """(B, T) surrogate of `MLP.local_bound`: GELU's largest slope over each unit's reachable
-    interval ẑ ± ‖w_i‖e_t, bounded by |GELU′(ẑ)| plus the curvature bound times the reach."""
+    interval ẑ ± ‖w_i‖e_t, bounded by |GELU′(ẑ)| plus the curvature bound times the reach
+    (maxmin: σ_out·σ_in·e_t, its Jacobian being a permutation everywhere)."""
+    if mlp.activation == "maxmin":
+        return torch.minimum(sig["out"] * sig["in"] * e, glob * e)
     W = mlp.fc_in.weight
     z = F.linear(x, W)
     clean = gelu_slope(z).abs().amax(-1)
@@ -164,11 +167,11 @@ def local_deviation(model, seen: Recorded, eps: float, sigma) -> Tensor:
         mlp = layer.mlp
         n_in = math.sqrt(mlp.fc_in.d_in / mlp.fc_in.d_out) * sig["in"]
         n_out = math.sqrt(mlp.fc_out.d_in / mlp.fc_out.d_out) * sig["out"]
-        L_mlp = n_in * (GELU_MAX_SLOPE / GELU_DIVISOR) * n_out
+        L_mlp = n_in * (GELU_MAX_SLOPE / GELU_DIVISOR if mlp.activation == "gelu" else 1.0) * n_out
         e = (1 - a) * e + a * mlp_local(mlp, xm.to(dtype), e, sig, L_mlp)
         # the global activation bound, as compose_bounds advances it
         B_att = (1 - a) * bound + a * sig["o"] * _sqrt(sig["v"].pow(2).sum()) * bound / ATTENTION_DIVISOR
-        bound = (1 - a) * B_att + a * n_out * n_in * B_att / GELU_DIVISOR
+        bound = (1 - a) * B_att + a * n_out * n_in * B_att * mlp.act_shrink
     return e
 
 

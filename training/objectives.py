@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lipformer.nn import ATTENTION_DIVISOR, GELU_DIVISOR, GELU_LIPSCHITZ
+from lipformer.nn import ATTENTION_DIVISOR
 
 OBJECTIVES = ("ce", "margin_global", "margin_local")
 
@@ -88,8 +88,8 @@ def body_lipschitz(model, sigma) -> Tensor:
         B = (1 - a) * B + a * out_att
         n_in = math.sqrt(layer.mlp.fc_in.d_in / layer.mlp.fc_in.d_out) * sigma(layer.mlp.fc_in.weight)
         n_out = math.sqrt(layer.mlp.fc_out.d_in / layer.mlp.fc_out.d_out) * sigma(layer.mlp.fc_out.weight)
-        L = L * ((1 - a) + a * n_in * GELU_LIPSCHITZ * n_out)
-        B = (1 - a) * B + a * n_out * n_in * B / GELU_DIVISOR
+        L = L * ((1 - a) + a * n_in * layer.mlp.act_lipschitz * n_out)
+        B = (1 - a) * B + a * n_out * n_in * B * layer.mlp.act_shrink
     return L
 
 
