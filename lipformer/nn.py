@@ -33,7 +33,6 @@ GELU_DIVISOR = 1.1289
 GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.sqrt(2.0) * math.exp(-1.0) / math.sqrt(2.0 * math.pi)
 GELU_LIPSCHITZ = GELU_MAX_SLOPE / GELU_DIVISOR * (1.0 + 1e-12)
 ATTENTION_DIVISOR = 3.0
-ACTIVATIONS = ("gelu", "maxmin")
 
 
 def maxmin(z: Tensor) -> Tensor:
@@ -491,6 +490,8 @@ class MLP(nn.Module):
         # act_lipschitz: the activation's Lipschitz constant; act_shrink: rms(act(z)) ≤ act_shrink·rms(z)
         if self.activation == "maxmin":
             self.act_lipschitz, self.act_shrink = 1.0, 1.0
+        elif self.activation != "gelu":   # the forward and every bound below know these two only
+            raise ValueError(f"activation must be 'gelu' or 'maxmin', got {self.activation!r}")
         else:
             self.act_lipschitz, self.act_shrink = GELU_LIPSCHITZ, 1.0 / GELU_DIVISOR
 

@@ -78,6 +78,38 @@ def test_maxmin_keeps_norms_and_is_1_lipschitz():
     assert torch.equal(maxmin(torch.tensor([1.0, 5.0, 3.0, 2.0])), torch.tensor([3.0, 5.0, 1.0, 2.0]))
 
 
+def test_maxmin_mlp_bounds_are_attained():
+    """A maxmin MLP whose bounds are reached exactly: W_in = 2Q (orthonormal columns, RMS→RMS norm
+    1), W_out = 2(PQ)ᵀ with P maxmin's permutation at x₀ (norm 4). Near x₀ the MLP is 4·I, so its
+    Lipschitz constant, its output at a token of rms B and its local deviation all equal the
+    bound's 4 — a bound that kept GELU's 1/1.1289 shrink, or any 10% cut, fails here."""
+    mlp = MLP(config(activation="maxmin")).double()
+    d, h = mlp.fc_in.d_in, mlp.fc_in.d_out
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(h, d, generator=g, dtype=torch.float64))
+    x0 = torch.randn(1, 1, d, generator=g, dtype=torch.float64)
+    x0 = x0 / x0.pow(2).mean().sqrt()                                       # rms 1
+    z = 2 * Q @ x0[0, 0]
+    P = torch.autograd.functional.jacobian(maxmin, z)                       # a permutation matrix
+    assert torch.equal(P @ P.T, torch.eye(h, dtype=torch.float64))
+    with torch.no_grad():
+        mlp.fc_in.weight.copy_(2 * Q)
+        mlp.fc_out.weight.copy_(2 * (P @ Q).T)
+    J = torch.autograd.functional.jacobian(lambda x: mlp(x), x0).reshape(d, d)
+    torch.testing.assert_close(J, 4 * torch.eye(d, dtype=torch.float64))
+    b = mlp.bound(1.0)
+    assert 4.0 <= b.lipschitz <= 4.0 * 1.001
+    out_rms = float(mlp(x0).pow(2).mean().sqrt())
+    assert out_rms == pytest.approx(4.0, rel=1e-12) and out_rms <= b.output * SLACK <= 4.0 * 1.001
+    # local: a step small enough that no pair changes order moves the output by exactly 4×
+    e = 1e-4
+    delta = torch.randn(1, 1, d, generator=g, dtype=torch.float64)
+    delta = e * delta / delta.norm()
+    moved = float((mlp(x0 + delta) - mlp(x0)).norm())
+    local = float(mlp.local_bound(x0[0], torch.tensor([[e]], dtype=torch.float64), 1.0, 1e-13)[0, 0])
+    assert moved == pytest.approx(4 * e, rel=1e-9) and moved <= local <= 4 * e * 1.001
+
+
 @pytest.mark.parametrize("mode", ["cap", "random"])
 @pytest.mark.parametrize("radius", [0.5, 2.0])
 @pytest.mark.parametrize("activation", ["gelu", "maxmin"])

@@ -167,7 +167,7 @@ def local_deviation(model, seen: Recorded, eps: float, sigma) -> Tensor:
         mlp = layer.mlp
         n_in = math.sqrt(mlp.fc_in.d_in / mlp.fc_in.d_out) * sig["in"]
         n_out = math.sqrt(mlp.fc_out.d_in / mlp.fc_out.d_out) * sig["out"]
-        L_mlp = n_in * (GELU_MAX_SLOPE / GELU_DIVISOR if mlp.activation == "gelu" else 1.0) * n_out
+        L_mlp = n_in * mlp.act_lipschitz * n_out
         e = (1 - a) * e + a * mlp_local(mlp, xm.to(dtype), e, sig, L_mlp)
         # the global activation bound, as compose_bounds advances it
         B_att = (1 - a) * bound + a * sig["o"] * _sqrt(sig["v"].pow(2).sum()) * bound / ATTENTION_DIVISOR
