@@ -277,7 +277,7 @@ def report(out: Path) -> None:
                   else "model.activation=maxmin" in o)
         ax.scatter(x, y, marker="D" if margin else "o", color="C2" if maxmin else ("C3" if margin else "C0"),
                    s=90 if r.get("full_size") else 30, edgecolors="k" if r.get("full_size") else "none")
-        if not r.get("transcribed"):   # transcribed proxy rows are many: their names are in the tables
+        if r.get("full_size") or not r.get("transcribed"):   # proxy rows transcribed from a table: named there
             ax.annotate(f"{r['name']} (L {r['sound_L']:.2g})", (x, y), fontsize=7, xytext=(3, 3 + 9 * (i % 3)),
                         textcoords="offset points")
     ax.plot([0, 100], [0, 100], color="k", lw=0.5, label="certified = accuracy")
