@@ -70,9 +70,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     if "final" in result:
         print(f"final model: {result['final']}")
-        print("certified accuracy (correct and provably unchanged by any input perturbation of size ε): "
-              + ", ".join(f"ε={k}: {v:.1%}" for k, v in result["certified_accuracy"].items()))
+        print("certified accuracy (correct and provably unchanged by any input perturbation of size ε)"
+              + _certified_lines(result, ": ", "; "))
     return 0
+
+
+def _certified_lines(result: dict, first: str, sep: str) -> str:
+    """The certified fractions with the positions they were measured on: the best (local or global)
+    radius on the first val positions, and the global radius alone on every evaluated position."""
+    def fmt(fractions):
+        return ", ".join(f"ε={k}: {v:.1%}" for k, v in fractions.items())
+    n = result.get("local_positions")
+    text = first + fmt(result["certified_accuracy"]) + (f" (best radius, first {n} val positions)" if n else "")
+    if result.get("certified_accuracy_global_all") and result.get("positions"):
+        text += sep + fmt(result["certified_accuracy_global_all"]) + \
+            f" (global radius, all {result['positions']} evaluated val positions)"
+    return text
 
 
 def _command() -> str:
@@ -126,10 +139,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"positions); a token's embedding has RMS ≤ {b.input_radius:g}, so ε=0.01 is 1% of a token")
     print(f"  Lipschitz bound {b.total:.4g} (inputs_embeds → logits; {b.body:.4g} to the last hidden states): "
           f"certified, not estimated — a perturbation of size ε moves the logits by at most {b.total:.3g}·ε")
-    fractions = result.get("certified_accuracy", {})
-    if fractions:
-        print("  certified accuracy " + ", ".join(f"ε={k}: {v:.1%}" for k, v in fractions.items()) +
-              ": val positions predicted right whose prediction provably no perturbation of size ε can change")
+    if result.get("certified_accuracy"):
+        print("  certified accuracy: val positions predicted right whose prediction provably no perturbation "
+              "of size ε can change" + _certified_lines(result, "\n    ", "\n    "))
     worst = max(b.weights, key=lambda w: w.factor / w.w_max)
     print(f"  weight norms: every weight's sound bound is within its cap (largest factor/w_max "
           f"{worst.factor / worst.w_max:.4f}, {worst.name}); `certify` lists sigma_upper = the ℓ2 spectral norm "

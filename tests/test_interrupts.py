@@ -160,3 +160,7 @@ def test_demo_twice_reuses_the_run_and_never_prints_nan(corpus, tmp_path, capsys
     assert "already finished" in outputs[1]
     reference = next(ln for ln in outputs[0].splitlines() if "bigram reference" in ln)
     assert 0 < float(reference.split()[2].rstrip(":")) < 1
+    # the certified fractions name the positions they were measured on, and the rerun prints the same
+    certified = [[ln.strip() for ln in text.splitlines() if "val positions)" in ln] for text in outputs]
+    assert len(certified[0]) == 2 and certified[0] == certified[1]
+    assert "best radius, first" in certified[0][0] and "global radius, all" in certified[0][1]
