@@ -164,3 +164,7 @@ def test_demo_twice_reuses_the_run_and_never_prints_nan(corpus, tmp_path, capsys
     certified = [[ln.strip() for ln in text.splitlines() if "val positions)" in ln] for text in outputs]
     assert len(certified[0]) == 2 and certified[0] == certified[1]
     assert "best radius, first" in certified[0][0] and "global radius, all" in certified[0][1]
+    # "within its cap" only when the largest factor/w_max printed beside it is ≤ 1; otherwise the excess is named
+    norms = next(ln for ln in outputs[0].splitlines() if "weight norms:" in ln)
+    ratio = float(norms.split("largest factor/w_max ")[1].split(",")[0])
+    assert ("within its cap" in norms and ratio <= 1) or " of its cap (the projection's tolerance" in norms, norms
