@@ -268,6 +268,7 @@ def report(out: Path) -> None:
         ax.axvline(100 * acc, color="grey", ls="--", lw=0.8)
         ax.axhline(100 * acc, color="grey", ls=":", lw=0.8)
         ax.text(100 * acc, 1, label, rotation=90, fontsize=7, color="grey", va="bottom", ha="right")
+    labels = 0
     for i, r in enumerate(rows):
         x, y = 100 * r["val_acc"], 100 * r.get("certified_best", r["certified"])[PLOT_EPS]
         margin = (any(str(o).startswith("train.objective=margin") for o in r["overrides"])
@@ -278,8 +279,10 @@ def report(out: Path) -> None:
         ax.scatter(x, y, marker="D" if margin else "o", color="C2" if maxmin else ("C3" if margin else "C0"),
                    s=90 if r.get("full_size") else 30, edgecolors="k" if r.get("full_size") else "none")
         if r.get("full_size") or not r.get("transcribed"):   # proxy rows transcribed from a table: named there
-            ax.annotate(f"{r['name']} (L {r['sound_L']:.2g})", (x, y), fontsize=7, xytext=(3, 3 + 9 * (i % 3)),
-                        textcoords="offset points")
+            # full-size points sit close together: stagger their labels by annotation count, not row index
+            ax.annotate(f"{r['name']} (L {r['sound_L']:.2g})", (x, y), fontsize=7, xytext=(6, -14 + 10 * (labels % 5)),
+                        textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.3, "color": "0.5"})
+            labels += 1
     ax.plot([0, 100], [0, 100], color="k", lw=0.5, label="certified = accuracy")
     if PLOT_EPS == "0.01":   # issue 19's shakespeare-char target: ≥ 50% accuracy and ≥ 40% certified at 1e-2
         ax.fill_between([50, 100], 40, 100, color="gold", alpha=0.25, lw=0, label="target (issue 19)")
