@@ -150,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
              f"within {ratio - 1:.1e} of its cap (the projection's tolerance; the certificate uses the sound bound, "
              "not the cap)")
     print(f"  weight norms: every weight's sound bound is {where} (largest factor/w_max "
-          f"{ratio:.4f}, {worst.name}); `certify` lists sigma_upper = the ℓ2 spectral norm "
+          f"{ratio:.6f}, {worst.name}); `certify` lists sigma_upper = the ℓ2 spectral norm "
           "and factor = √(d_in/d_out)·sigma_upper, the RMS→RMS norm that w_max caps, so sigma_upper may exceed "
           "w_max on non-square weights")
     vocab = tokenizer.get_vocab()  # a corpus of your own (data.path=...) may have no "ROMEO:"
