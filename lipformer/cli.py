@@ -147,8 +147,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The projection meets a cap only to its tolerance, and the sound σ bound sits a rounding margin
     # above the true σ: say so rather than claim "within" at 1.0001. The bound uses the σ, not the cap.
     where = ("within its cap" if ratio <= 1 else
-             f"within {ratio - 1:.1e} of its cap (the projection's tolerance; the certificate uses the sound bound, "
-             "not the cap)")
+             f"within {ratio - 1:.1e} of its cap (the projection's tolerance plus the σ bound's rounding margin; "
+             "the certificate uses the sound bound, not the cap)")
     print(f"  weight norms: every weight's sound bound is {where} (largest factor/w_max "
           f"{ratio:.6f}, {worst.name}); `certify` lists sigma_upper = the ℓ2 spectral norm "
           "and factor = √(d_in/d_out)·sigma_upper, the RMS→RMS norm that w_max caps, so sigma_upper may exceed "

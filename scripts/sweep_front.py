@@ -269,7 +269,7 @@ def report(out: Path) -> None:
         ax.axhline(100 * acc, color="grey", ls=":", lw=0.8)
         ax.text(100 * acc, 1, label, rotation=90, fontsize=7, color="grey", va="bottom", ha="right")
     labels = 0
-    for i, r in enumerate(rows):
+    for r in rows:
         x, y = 100 * r["val_acc"], 100 * r.get("certified_best", r["certified"])[PLOT_EPS]
         margin = (any(str(o).startswith("train.objective=margin") for o in r["overrides"])
                   or (r.get("train") or {}).get("objective", "ce") != "ce")
