@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from . import linear_certify
 from .local_certify import local_radii
 from .margins import float64_copy, head_margins, radii_from_hidden, require_float64  # noqa: F401 (public here)
 from .modeling import LipformerForCausalLM
@@ -36,9 +37,10 @@ class PositionCertificate:
     radius: float       # certified radius in max-rms units of inputs_embeds (the best sound one)
     radius_local: float | None = None    # from the local bound (docs/lipschitz.md §9); None: not computed
     radius_global: float | None = None   # from the global bound L_body (§6)
+    radius_linear: float | None = None   # from the linear relaxation (§10; position-only maxmin models)
 
 
-METHODS = ("best", "local", "global")
+METHODS = ("best", "local", "global", "linear")
 
 
 @torch.no_grad()
@@ -50,7 +52,8 @@ def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBou
     has no position limit). `model` must be the float64 copy (see `float64_copy`); `bounds` its
     bounds for at least len(ids) positions (default: computed for this length, §6a). `method`:
     "global" (the radius from L_body), "local" (from the local bound around this input,
-    docs/lipschitz.md §9) or "best" (the larger of the two: both are sound).
+    docs/lipschitz.md §9), "linear" (the linear relaxation, §10: position-only maxmin models only;
+    it starts from the global radius) or "best" (the largest of those that apply: all are sound).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -62,12 +65,18 @@ def certify_tokens(model: LipformerForCausalLM, ids: list[int], bounds: ModelBou
     ids_t = torch.tensor([ids])
     hidden = model.model(ids_t, use_cache=False).last_hidden_state[0]
     pred, margin, glob = radii_from_hidden(hidden, model.head.weight, bounds)
-    local = _local_radii(model, ids_t, bounds, pred) if method != "global" else [None] * len(ids)
+    local = _local_radii(model, ids_t, bounds, pred) if method in ("best", "local") else [None] * len(ids)
+    lin = [None] * len(ids)
+    if method == "linear" or (method == "best" and linear_certify.unsupported(model) is None):
+        start = glob if method == "linear" else torch.maximum(glob, torch.as_tensor(local, dtype=torch.float64))
+        lin_pred, radius = linear_certify.linear_radii(model, ids_t, start)
+        lin = torch.where(lin_pred == pred, radius, torch.zeros_like(radius))   # same forward: a bug otherwise
     out: list[PositionCertificate] = []
     for i in range(len(ids)):
         g, l = float(glob[i]), None if local[i] is None else float(local[i])
-        best = {"global": g, "local": l, "best": g if l is None else max(g, l)}[method]
-        out.append(PositionCertificate(i, ids[i], int(pred[i]), float(margin[i]), best, l, g))
+        r = None if lin[i] is None else float(lin[i])
+        best = {"global": g, "local": l, "linear": r, "best": max(v for v in (g, l, r) if v is not None)}[method]
+        out.append(PositionCertificate(i, ids[i], int(pred[i]), float(margin[i]), best, l, g, r))
     return out
 
 

@@ -309,6 +309,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
     # after every check that can refuse the input: an error stays a single line
     _report_certificate(args.model_dir, sys.stderr if args.json else sys.stdout)
     model64 = certify.float64_copy(model)
+    why = certify.linear_certify.unsupported(model64)
+    if args.method == "linear" and why:
+        raise UsageError(f"--method linear needs a position-only maxmin model, and here {why}; "
+                         "use --method best (the default)")
     certs = attack = None
     bounds = model64.bounds(positions=len(ids))  # the float64 allowance for this text's length
     if text is not None:
@@ -336,12 +340,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if certs:
         show = certs if len(certs) <= 64 else certs[:32] + certs[-32:]
         print(f"{'index':>6s} {'token':>12s} {'prediction':>12s} {'margin':>10s} {'radius':>11s} "
-              f"{'local':>11s} {'global':>11s}")
+              f"{'local':>11s} {'global':>11s} {'linear':>11s}")
         na = lambda r: f"{'-':>11s}" if r is None else f"{r:11.3e}"  # noqa: E731
         for c in show:
             tok, pred = _visible(tokenizer.decode([c.token])), _visible(tokenizer.decode([c.prediction]))
             print(f"{c.index:6d} {tok:>12s} {pred:>12s} {c.margin:10.4f} {c.radius:11.3e} "
-                  f"{na(c.radius_local)} {na(c.radius_global)}")
+                  f"{na(c.radius_local)} {na(c.radius_global)} {na(c.radius_linear)}")
         if len(certs) > len(show):
             print(f"({len(certs) - len(show)} positions not shown; use --json for all)")
         fractions = certify.certified_fractions(certs)
@@ -420,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--file")
     cert.add_argument("--json", action="store_true", help="print one JSON object")
     cert.add_argument("--attack", action="store_true", help="PGD attack inside each radius (violations must be 0)")
-    cert.add_argument("--method", choices=("best", "local", "global"), default="best",
-                      help="radius from the local bound around the text, the global bound, or the larger (default)")
+    cert.add_argument("--method", choices=("best", "local", "global", "linear"), default="best",
+                      help="radius from the local bound around the text, the global bound, the linear relaxation "
+                           "(position-only maxmin models), or the largest that applies (default)")
     cert.set_defaults(func=cmd_certify)
     ins = sub.add_parser("inspect", help="config, sizes and bounds summary of a saved model")
     ins.add_argument("model_dir", help="a saved model folder, e.g. RUN/final")

@@ -102,9 +102,10 @@ def clean_pass(model, ids: Tensor, attention_mask: Tensor | None = None) -> Clea
     return CleanPass(inputs, hidden, (rope[0][0, 0], rope[1][0, 0]), allowed)
 
 
-def final_radii(model, clean: CleanPass, eps: Tensor) -> Tensor:
+def final_radii(model, clean: CleanPass, eps: Tensor, record: list | None = None) -> Tensor:
     """(K, T): ℓ2 radius around ĥ_t that contains the exact final hidden state at position t for
-    every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[k] (docs/lipschitz.md §9d)."""
+    every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[k] (docs/lipschitz.md §9d).
+    With `record`, the (K, T) radii at every sublayer's input are appended to it, in forward order."""
     d = clean.hidden.size(-1)
     root_d = math.sqrt(d)
     ball = model.model.ball
@@ -114,7 +115,7 @@ def final_radii(model, clean: CleanPass, eps: Tensor) -> Tensor:
     e = (root_d * eps[:, None] * ROUND_UP + start).expand(-1, T).clone()
     with lnn.memoized_sigmas():
         for layer, prepared in zip(model.model.layers, _prepared(model, clean)):
-            e = layer.local_bound(e, prepared, clean.rope, clean.allowed)
+            e = layer.local_bound(e, prepared, clean.rope, clean.allowed, record)
     return e
 
 

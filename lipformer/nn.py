@@ -593,17 +593,21 @@ class Block(nn.Module):
             B = residual_bound(a, B, branch.bound(B)).output
         return {"steps": steps, "output_bound": B}
 
-    def local_bound(self, e: Tensor, prepared: dict, rope, allowed: Tensor) -> Tensor:
+    def local_bound(self, e: Tensor, prepared: dict, rope, allowed: Tensor, record: list | None = None) -> Tensor:
         """Radii after the block around its computed output (docs/lipschitz.md §9c–d).
 
         e: (K, T) ℓ2 radii of the exact perturbed input around the computed one, one row per trial;
         prepared: `local_prepare(...)` of this block at that input (done once, however many trials);
-        rope, allowed: as the forward used them. Each residual mixes e ← (1 − α)e + α·f and adds
+        rope, allowed: as the forward used them; record: if given, the radii at each sublayer's
+        input are appended to it (the linear-relaxation certificate needs them). Each residual mixes
+        e ← (1 − α)e + α·f and adds
         the float64 error of evaluating that sublayer once at the computed input (§6a), which is
         what separates the next computed activation from the exact function of this one.
         """
         a = self.alpha
         for branch, x, here, inner, rounding in prepared["steps"]:
+            if record is not None:
+                record.append(e)
             if branch is self.attn:
                 f = branch.local_bound(x, e, rope, allowed, here, None, prepared=inner)
             else:

@@ -81,7 +81,15 @@ def test_certify_table_shows_whitespace_tokens(trained, capsys):
     rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln[:6].strip().isdigit()]
     tokens = [r[1] for r in rows]
     assert tokens == ["R", "O", "M", "E", "O", ":", "\\n", "B", "u", "t", "␣", "s", "o", "f", "t"]
-    assert all(len(r) == 7 for r in rows)  # index token prediction margin radius local global: no blank cell
+    # index token prediction margin radius local global linear: no blank cell ('-' where not computed)
+    assert all(len(r) == 8 for r in rows)
+
+
+def test_certify_method_linear_on_a_content_attention_model_is_one_line(trained, capsys):
+    # the tiny preset attends by content (softmax scale 1): the linear relaxation does not apply
+    assert main(["certify", str(trained / "final"), "--text", "ROMEO", "--method", "linear"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--method linear" in err[0] and "softmax_scale" in err[0], err
 
 
 def test_train_prints_certified_accuracy_as_a_sentence(trained, tmp_path, capsys):

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import fit_capped
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lipformer import LipformerConfig, LipformerForCausalLM, certify
@@ -35,18 +36,8 @@ def trained():
     """Sharp attention (c = 8), trained with AdamW + hard cap until the loss has clearly dropped."""
     torch.manual_seed(0)
     model = tiny(softmax_scale=8.0)
-    ids = torch.tensor([IDS[:64]])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    project = SpectralProjection(model, opt)
-    first = None
-    for _ in range(40):
-        loss = model(ids, labels=ids).loss
-        first = first or float(loss.detach())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        project()
-    assert float(loss) < first - 0.5
+    first, last = fit_capped(model, torch.tensor([IDS[:64]]), steps=40)
+    assert last < first - 0.5
     return certify.float64_copy(model)
 
 

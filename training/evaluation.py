@@ -43,17 +43,21 @@ def evaluate(model, val, batches: int, dtype: str, device) -> dict:
 def certified_accuracy(model, val, radii, batches: int = 4, local_sequences: int = 4) -> dict:
     """Fraction of val next-token predictions that are correct AND certified at radius ε.
 
-    `certified_accuracy` uses the best sound radius (local or global, docs/lipschitz.md §9) on the
-    first `local_sequences` val sequences (local certificates cost a few local passes per sequence);
-    `certified_accuracy_global` is the global radius on those same positions, and
-    `certified_accuracy_global_all` the global radius on every position of `batches` val batches.
+    `certified_accuracy` uses the best sound radius (local, global or, for position-only maxmin
+    models, the linear relaxation: docs/lipschitz.md §9, §10) on the first `local_sequences` val
+    sequences (these cost a few passes per sequence); `certified_accuracy_local`, `_global` and
+    `_linear` are each method alone on those same positions (`_linear` absent where it does not
+    apply), and `certified_accuracy_global_all` the global radius on every position of `batches`
+    val batches.
     """
     m64 = certify.float64_copy(model).cpu()
     bounds = m64.bounds()
     state = val.state_dict()
     val.reset()
     keys = [f"{r:g}" for r in radii]
-    hits = {name: dict.fromkeys(keys, 0) for name in ("best", "local", "global", "global_all")}
+    linear = certify.linear_certify.unsupported(m64) is None
+    methods = ("best", "local", "global") + (("linear",) if linear else ())
+    hits = {name: dict.fromkeys(keys, 0) for name in methods + ("global_all",)}
     correct = total = local_total = 0
     for _ in range(batches):
         x, y = val.next_batch()
@@ -69,15 +73,16 @@ def certified_accuracy(model, val, radii, batches: int = 4, local_sequences: int
         for row in range(min(x.size(0), local_sequences - local_total // x.size(1))):
             certs = certify.certify_tokens(m64, x[row].tolist(), bounds, method="best")
             right = torch.tensor([c.prediction for c in certs]) == y[row].cpu()
-            for name in ("best", "local", "global"):
-                field = {"best": "radius", "local": "radius_local", "global": "radius_global"}[name]
+            for name in methods:
+                field = "radius" if name == "best" else f"radius_{name}"
                 _count(hits[name], radii, right, torch.tensor([getattr(c, field) for c in certs]))
             local_total += len(certs)
     val.load_state_dict(state)
     share = lambda counts, n: {k: v / max(1, n) for k, v in counts.items()}  # noqa: E731
+    linear_part = {"certified_accuracy_linear": share(hits["linear"], local_total)} if linear else {}
     return {"accuracy": correct / total, "certified_accuracy": share(hits["best"], local_total),
             "certified_accuracy_local": share(hits["local"], local_total),
-            "certified_accuracy_global": share(hits["global"], local_total),
+            "certified_accuracy_global": share(hits["global"], local_total), **linear_part,
             "certified_accuracy_global_all": share(hits["global_all"], total),
             "lipschitz_total": bounds.total, "lipschitz_body": bounds.body, "positions": total,
             "local_positions": local_total}

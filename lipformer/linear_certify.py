@@ -1,0 +1,287 @@
+"""Linear-relaxation certificates for position-only models (softmax scale 0, maxmin MLPs).
+
+At softmax scale 0 every attention weight is softmax(b_h(t − s)) over the allowed keys: it depends
+on positions only, so attention is a fixed linear map of the sequence. Residual mixes and matrices
+are linear, and maxmin is (b + relu(a − b), a − relu(a − b)) on each pair (a, b). The body is then
+piecewise linear with one ReLU per pair, and a lower bound on a margin's change over the whole
+perturbation ball is one backward pass (the CROWN bound of Zhang et al. 2018, written here for the
+norm max_s ‖δ_s‖₂ ≤ ε√d): a coefficient vector per source position goes back through each linear
+map's transpose, through every pair whose order no perturbation in the ball can flip exactly, and
+through the pairs that may flip by the triangle relaxation of the ReLU. At the input the worst
+perturbation costs ε√d·Σ_s ‖Λ_s‖₂ (the dual norm). The module-wise bounds charge every layer its
+worst case separately (the product of norms); this charges the product of the actual maps, and on
+trained models it certifies 2–3× larger radii (docs/lipschitz.md §10 has the proof, including the
+float64 accounting; docs/results.md the measurements).
+
+What it costs: a backward pass per (position, competing class) — only for the classes the
+module-wise certificate could not already rule out — about 3 GFLOP per pair at the
+`shakespeare-char` size. `certified_at` answers "is position t certified at ε" (what certified
+accuracy needs); `linear_radii` searches each position's radius by doubling and bisection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import nn as lnn
+from . import spectral
+from .local_bounds import ROUND_UP, U, softmax_box
+from .local_certify import CleanPass, clean_pass, final_radii
+from .margins import require_float64
+
+PAIRS_PER_PASS = 32            # (position, class) pairs in one batched backward pass
+
+
+def unsupported(model) -> str | None:
+    """Why the linear-relaxation certificate does not apply to this model (None: it does)."""
+    c = model.config
+    if c.softmax_scale != 0:
+        return "attention depends on the input (softmax_scale > 0)"
+    if c.activation != "maxmin":
+        return "the MLP activation is not maxmin"
+    return None
+
+
+def _fro_upper(W: Tensor) -> float:
+    return float(spectral.row_norm_upper(W.reshape(1, -1))[0])
+
+
+def _rows(X: Tensor) -> Tensor:
+    """Upper bounds on the ℓ2 norm of every vector along the last dimension."""
+    return spectral.row_norm_upper(X)
+
+
+@torch.no_grad()
+def prepare(model, ids: Tensor) -> dict:
+    """The ε-independent pieces for one sequence (1, T): the clean pass, each block's attention
+    weights (with a bound on their float64 error) and MLP pre-activation pair differences, and
+    the per-class clean margins at every position with their rounding (docs/lipschitz.md §10)."""
+    require_float64(model)
+    why = unsupported(model)
+    if why:
+        raise ValueError(f"the linear-relaxation certificate needs softmax_scale 0 and maxmin: {why}")
+    clean = clean_pass(model, ids)
+    T, d = clean.hidden.shape
+    blocks = []
+    with lnn.memoized_sigmas():
+        for layer, (x_attn, x_mlp) in zip(model.model.layers, clean.inputs):
+            att, mlp = layer.attn, layer.mlp
+            H = att.heads
+            bias = att.score_bias(torch.arange(T), T)
+            scores = torch.zeros(H, T, T, dtype=torch.float64) if bias is None else bias.detach().double()
+            center = torch.where(clean.allowed[None], scores, torch.full_like(scores, -math.inf))
+            P = torch.softmax(center, -1)                                          # (H, T, T)
+            low, up, eta = softmax_box(center, torch.zeros_like(center))
+            off = torch.maximum(up * (1 + eta) - P, P - low * (1 - eta)).clamp(min=0)
+            p_err = off.sum(-1).amax(-1) * ROUND_UP                                # (H,) ≥ max_t ‖P_t − P̂_t‖₁
+            Wv, Wo, Win, Wout = (m.weight.detach() for m in (att.v, att.o, mlp.fc_in, mlp.fc_out))
+            half = Win.size(0) // 2
+            z = x_mlp @ Win.mT
+            delta = z[:, :half] - z[:, half:]                                      # (T, half)
+            wa, wb = Win[:half], Win[half:]
+            pair_w = _rows(wa - wb) * (1 + 4 * U)                                  # ≥ ‖w_a − w_b‖₂
+            ga = spectral.gamma(d + 2)
+            noise = (ga * (_rows(wa) + _rows(wb))[None] * _rows(x_mlp)[:, None] + 2 * U * delta.abs()) * ROUND_UP
+            blocks.append({
+                "P": P, "p_err": p_err, "sv": lnn._sigma(att.v.weight, H), "so": float(lnn._sigma(Wo)),
+                "s_in": float(lnn._sigma(Win)), "s_out": float(lnn._sigma(Wout)), "fro": {n: _fro_upper(W) for n, W in
+                                                        (("o", Wo), ("v", Wv), ("in", Win), ("out", Wout))},
+                "Wv": Wv, "Wo": Wo, "Win": Win, "Wout": Wout, "delta": delta, "pair_w": pair_w, "noise": noise,
+            })
+    W = model.head.weight.detach()
+    pred = (clean.hidden @ W.mT).argmax(-1)
+    D = W[pred][:, None, :] - W[None]                                              # (T, V, d) w_y − w_j
+    dist = _rows(D) * (1 + 2 * spectral.gamma(d + 4))                              # ≥ ‖w_y − w_j‖₂
+    m = (clean.hidden[:, None, :] * D).sum(-1)                                     # (T, V)
+    rounding = 2 * spectral.gamma(d + 4) * _rows(clean.hidden)[:, None] * dist + 2.0 * (d + 2) * 2.0**-1074
+    return {"clean": clean, "blocks": blocks, "pred": pred, "D": D, "dist": dist,
+            "m_low": m - rounding, "alpha": model.config.residual_alpha, "d": d, "T": T}
+
+
+def _radii(model, state: dict, eps: Tensor) -> tuple[list[Tensor], Tensor, list[Tensor], Tensor]:
+    """Module-wise ℓ2 radii around the computed activations for each trial ε and for ε = 0 (the
+    float64 error alone): per sublayer input (K, T) and final (K, T), then the same at ε = 0."""
+    record: list[Tensor] = []
+    final = final_radii(model, state["clean"], torch.cat([eps, eps.new_zeros(1)]), record)
+    return [r[:-1] for r in record], final[:-1], [r[-1] for r in record], final[-1]
+
+
+def _pair_relaxation(delta: Tensor, rad: Tensor, rad0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For each ReLU r = relu(v) on a pair difference: the perturbed v′ lies in [l, u] = δ̂ ± rad and
+    the clean v in δ̂ ± rad0. Returns (a, c_lo, s, c_up) with, for every such v′ and v,
+        a(v′ − v) + c_lo ≤ relu(v′) − relu(v) ≤ s(v′ − v) + c_up      (docs/lipschitz.md §10b)."""
+    lo, hi = delta - rad, delta + rad
+    lo, hi = lo - 2 * U * lo.abs(), hi + 2 * U * hi.abs()                  # the subtraction's rounding, outward
+    vlo, vhi = delta - rad0, delta + rad0
+    vlo, vhi = vlo - 2 * U * vlo.abs(), vhi + 2 * U * vhi.abs()
+    active, inactive = lo >= 0, hi <= 0
+    one, zero = torch.ones_like(delta), torch.zeros_like(delta)
+    a = (delta >= 0).to(delta.dtype)                                       # the tangent at the clean point
+    c_lo = torch.where(a > 0, torch.clamp(vlo, max=0), -torch.clamp(vhi, min=0))
+    width = torch.where(active | inactive, one, hi - lo)
+    s = torch.clamp(hi / width, 0.0, 1.0)                                  # any s in [0, 1] is valid
+    # max over [l, u] of relu(v′) − s·v′ (at an end); 1 − s is exact for s ≥ ½ (Sterbenz)
+    t = torch.maximum(-s * lo, (1 - s) * hi) * ROUND_UP
+    # max over the clean interval of s·v − relu(v) ≤ 0 (shrunk toward 0: an upper bound)
+    g = torch.where(vlo > 0, (s - 1) * vlo, torch.where(vhi < 0, s * vhi, zero)) * (1 - 1e-10)
+    c_up = torch.clamp(t + g + 2 * U * t, min=0) * ROUND_UP
+    a = torch.where(active, one, torch.where(inactive, zero, a))
+    s = torch.where(active, one, torch.where(inactive, zero, s))
+    c_lo = torch.where(active | inactive, zero, c_lo)
+    c_up = torch.where(active | inactive, zero, c_up)
+    return a, c_lo, s, c_up
+
+
+@torch.no_grad()
+def margin_lower_bounds(model, state: dict, targets: Tensor, classes: Tensor, eps: Tensor) -> Tensor:
+    """(P,) lower bounds on the exact margin z_y − z_j at position targets[p] against class
+    classes[p], over every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[p]."""
+    out = torch.empty(targets.numel(), dtype=torch.float64)
+    values, index = eps.unique(return_inverse=True)
+    e_in, e_fin, e0_in, e0_fin = _radii(model, state, values)
+    order = torch.argsort(targets)                     # similar lengths in one pass
+    for i in range(0, order.numel(), PAIRS_PER_PASS):
+        sel = order[i:i + PAIRS_PER_PASS]
+        out[sel] = _backward(state, targets[sel], classes[sel], eps[sel], index[sel], e_in, e_fin, e0_in, e0_fin)
+    return out
+
+
+def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin) -> Tensor:
+    d, alpha = state["d"], state["alpha"]
+    P, Tm = targets.numel(), int(targets.max()) + 1
+    rows = torch.arange(P)
+    D = state["D"][targets, classes]                                                 # (P, d)
+    lam = torch.zeros(P, Tm, d, dtype=torch.float64)
+    lam[rows, targets] = D
+    icpt = torch.zeros(P, dtype=torch.float64)
+    # D̂ is within u of w_y − w_j: the exact margin's change differs by ≤ 2u‖D̂‖‖δh_t‖
+    dh = e_fin[k, targets] + e0_fin[targets]
+    slack = 2 * U * _rows(D) * dh
+    for b in reversed(range(len(state["blocks"]))):
+        B = state["blocks"][b]
+        for sub in ("mlp", "attn"):
+            where = 2 * b + (1 if sub == "mlp" else 0)
+            e = e_in[where][k, :Tm]                                                  # (P, Tm)
+            dev = e + e0_in[where][None, :Tm]                                        # ≥ ‖x′_s − x_s‖₂
+            if sub == "mlp":
+                rho, part, err = _mlp_back(B, lam, alpha, e, e0_in[where][:Tm], dev)
+                icpt += part
+            else:
+                rho, err = _attn_back(B, lam, alpha, dev)
+            keep = lam * (1 - alpha)
+            # fl((1 − α)Λ + ρ): ≤ 2u‖(1 − α)Λ‖ + u‖ρ‖ per position, against δx_s
+            err = err + 3 * U * ((_rows(keep) + _rows(rho)) * dev).sum(-1)
+            lam = keep + rho
+            slack = slack + err
+    dual = math.sqrt(d) * eps * _rows(lam).sum(-1) * ROUND_UP * ROUND_UP
+    clean_low = state["m_low"][targets, classes] - state["dist"][targets, classes] * e0_fin[targets]
+    return clean_low + icpt * ROUND_UP - slack * ROUND_UP - dual
+
+
+def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Coefficients on the MLP sublayer's branch input from those on the sublayer's output (lam):
+    α, W_outᵀ, the pair relaxations, W_inᵀ. Returns (coefficients, intercept (P,), rounding slack (P,))."""
+    Win, Wout, fro, s_in = B["Win"], B["Wout"], B["fro"], B["s_in"]
+    d, dff = Win.size(1), Win.size(0)
+    half = dff // 2
+    lam = lam * alpha
+    mu = lam @ Wout                                                                   # (P, Tm, dff)
+    dz = s_in * dev                                                                   # ≥ ‖δz_s‖, ‖δ(maxmin)_s‖
+    # α·Λ rounds by u (against δy_s, ‖δy_s‖ ≤ σ_out·‖δz_s‖); the product by γ_d‖W_out‖_F (against δ maxmin)
+    err = ((U * B["s_out"] + spectral.gamma(d) * fro["out"]) * _rows(lam) * dz).sum(-1) * ROUND_UP
+    l1, l2 = mu[..., :half], mu[..., half:]                                           # on max, on min
+    kappa = l1 - l2
+    rad = B["pair_w"] * e[..., None] + B["noise"][None, :e.size(1)]
+    rad0 = B["pair_w"] * e0[:, None] + B["noise"][:e.size(1)]
+    a, c_lo, s, c_up = _pair_relaxation(B["delta"][None, :e.size(1)], rad * ROUND_UP, rad0[None] * ROUND_UP)
+    pos = kappa >= 0
+    ks = kappa * torch.where(pos, a, s)
+    icpt = (kappa * torch.where(pos, c_lo, c_up)).sum((1, 2))                         # every term ≤ 0
+    nu = torch.cat((l2 + ks, l1 - ks), -1)                                            # on a (first half), on b
+    err = err + (20 * U * _rows(mu) * dz).sum(-1)
+    rho = nu @ Win                                                                    # (P, Tm, d)
+    err = err + (spectral.gamma(dff) * fro["in"] * _rows(nu) * dev).sum(-1)
+    return rho, icpt, err
+
+
+def _attn_back(B: dict, lam: Tensor, alpha: float, dev: Tensor) -> tuple[Tensor, Tensor]:
+    """Coefficients on the attention sublayer's branch input from those on the sublayer's output
+    (lam): α/3, W_oᵀ, the transposed attention weights per head, W_vᵀ. Returns (coefficients,
+    rounding slack (P,))."""
+    Wv, Wo, fro, sv = B["Wv"], B["Wo"], B["fro"], B["sv"]
+    Pm, Tm, d = lam.shape
+    H = sv.numel()
+    lam = lam * (alpha / lnn.ATTENTION_DIVISOR)
+    top = dev.amax(-1)                                                                # (P,) ≥ every ‖δx_s‖
+    mu = lam @ Wo                                                                     # (P, Tm, d)
+    quad = float(torch.sqrt((sv**2).sum())) * ROUND_UP                               # ≥ ‖δc_t‖ / max_s ‖δx_s‖
+    # α/3·Λ rounds by 3u (against W_o·δc_t); the product by γ_d‖W_o‖_F (against δc_t)
+    err = ((3 * U * B["so"] + spectral.gamma(d) * fro["o"]) * _rows(lam)).sum(-1) * quad * top * ROUND_UP
+    mu = mu.view(Pm, Tm, H, d // H)
+    nu = torch.einsum("hts,pthd->pshd", B["P"][:, :Tm, :Tm], mu)
+    per_head = _rows(mu).sum(1)                                                       # (P, H): Σ_t ‖μ_{h,t}‖
+    mix = (spectral.gamma(Tm + 2) * 2 + B["p_err"]) * ROUND_UP
+    err = err + (mix[None] * per_head * sv[None]).sum(-1) * top
+    nu = nu.reshape(Pm, Tm, d)
+    rho = nu @ Wv
+    err = err + (spectral.gamma(d) * fro["v"] * _rows(nu) * dev).sum(-1)
+    return rho, err
+
+
+@torch.no_grad()
+def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = None) -> Tensor:
+    """(T,) bool: the prediction at position t is certified at radius eps[t] (one value per
+    position), each competing class ruled out by the module-wise radius or, failing that, by the
+    linear relaxation. `positions` (bool, T): only these are checked (others False)."""
+    T, d = state["T"], state["d"]
+    eps = eps.to(torch.float64).expand(T).clone()
+    todo = torch.ones(T, dtype=torch.bool) if positions is None else positions.clone()
+    todo &= eps > 0
+    ok = torch.zeros(T, dtype=torch.bool)
+    if not todo.any():
+        return ok
+    idx = todo.nonzero()[:, 0]
+    values, inv = eps[idx].unique(return_inverse=True)
+    _, e_fin, _, _ = _radii(model, state, values)
+    e_t = e_fin[inv, idx]                                                             # (n,)
+    dist, m_low = state["dist"][idx], state["m_low"][idx]                           # (n, V)
+    module = m_low - dist * e_t[:, None] * ROUND_UP > 0                              # (n, V)
+    module[torch.arange(idx.numel()), state["pred"][idx]] = True
+    need = (~module).nonzero()
+    passed = module.clone()
+    if need.numel():
+        lb = margin_lower_bounds(model, state, idx[need[:, 0]], need[:, 1], eps[idx[need[:, 0]]])
+        passed[need[:, 0], need[:, 1]] = lb > 0
+    ok[idx] = passed.all(-1)
+    return ok
+
+
+@torch.no_grad()
+def linear_radii(model, ids, start: Tensor, *, grow: int = 4, bisect: int = 3) -> tuple[Tensor, Tensor]:
+    """(prediction, radius) per position; the radius is at least `start` (radii already certified by
+    another sound method; positions at 0 stay at 0): ε doubles from `start` while the linear
+    relaxation certifies it (at most `grow` times), then `bisect` halvings in log scale between the
+    last pass and the first fail. Every reported value above `start` passed `certified_at` itself."""
+    if unsupported(model) is not None:
+        raise ValueError(f"linear_radii: the linear relaxation does not apply: {unsupported(model)}")
+    state = prepare(model, torch.as_tensor(ids).reshape(1, -1))
+    T = state["T"]
+    best = start.to(torch.float64).clone()
+    live = best > 0
+    lo, hi = best.clone(), torch.full((T,), math.inf, dtype=torch.float64)
+    for _ in range(grow):
+        trial = torch.where(live, lo * 2, lo)
+        ok = certified_at(model, state, trial, live)
+        lo = torch.where(ok, trial, lo)
+        hi = torch.where(live & ~ok, trial, hi)
+        live &= ok
+    search = torch.isfinite(hi) & (lo > 0)
+    for _ in range(bisect):
+        trial = torch.sqrt(lo * hi.clamp(max=1e300))
+        ok = certified_at(model, state, torch.where(search, trial, lo), search)
+        lo = torch.where(search & ok, trial, lo)
+        hi = torch.where(search & ~ok, trial, hi)
+    return state["pred"], torch.maximum(best, lo * (1 - 1e-12))

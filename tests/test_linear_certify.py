@@ -1,0 +1,160 @@
+"""The linear-relaxation certificate (docs/lipschitz.md §10) against attacks on random and trained
+position-only maxmin models.
+
+Every margin lower bound must lie below the smallest margin PGD and random corners of the ball
+find; no attack may flip a prediction inside a linear radius; a control that freezes the maxmin
+pattern (the unsound "linearize everything" bound) must be caught by the same attack.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import fit_capped
+
+from lipformer import LipformerConfig, LipformerForCausalLM, certify
+from lipformer import linear_certify as lc
+from lipformer.constraints import SpectralProjection
+from test_local_certify import IDS, VOCAB   # the same text as the module-wise local certificates
+
+
+def tiny(**kw):
+    """Position-only attention (sharp offsets learnable) and maxmin: what the relaxation covers."""
+    cfg = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64, w_max={"head": 8.0}, softmax_scale=0.0, position_bias=6,
+               activation="maxmin", residual_alpha=0.5)
+    return LipformerForCausalLM(LipformerConfig(**{**cfg, **kw}))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Position-only maxmin, trained with AdamW + hard cap until it clearly uses context."""
+    torch.manual_seed(0)
+    model = tiny()
+    first, last = fit_capped(model, torch.tensor([IDS[:64]]), steps=60)
+    assert last < first - 1.0
+    return certify.float64_copy(model)
+
+
+def random_model():
+    torch.manual_seed(1)
+    model = tiny()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (4 if name.endswith("position_bias") else 1))
+        SpectralProjection(model)()
+    return certify.float64_copy(model)
+
+
+def margin_fn(model, t, y, j):
+    W = model.head.weight
+    return lambda z: model.model(inputs_embeds=z, use_cache=False).last_hidden_state[:, t] @ (W[y] - W[j])
+
+
+def smallest_margin(model, ids, t, y, j, eps, steps=40, corners=64, seed=0):
+    """The smallest z_y − z_j at position t that PGD (several starts) and random corners of the ball
+    {max_s ‖δ_s‖₂ ≤ ε√d} find."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = model.model.embed(torch.tensor([ids])).detach()
+    r = eps * math.sqrt(x0.size(-1))
+    f = margin_fn(model, t, y, j)
+
+    def project(d):
+        return d * torch.clamp(r / d.norm(dim=-1, keepdim=True).clamp(min=1e-300), max=1.0)
+
+    def sphere(n):
+        d = torch.randn((n, *x0.shape[1:]), generator=g, dtype=x0.dtype)
+        return d * (r / d.norm(dim=-1, keepdim=True))
+
+    with torch.no_grad():
+        best = float(f(x0 + sphere(corners)).min())
+    delta = sphere(4)
+    for i in range(steps):
+        delta.requires_grad_(True)
+        m = f(x0 + delta)
+        (grad,) = torch.autograd.grad(m.sum(), delta)
+        best = min(best, float(m.detach().min()))
+        step = r * (0.5 if i < steps // 2 else 0.1)
+        delta = project(delta.detach() - step * grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-300))
+    with torch.no_grad():
+        return min(best, float(f(x0 + delta).min()))
+
+
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_margin_lower_bound_is_below_every_attack(which, trained):
+    model = trained if which == "trained" else random_model()
+    ids = IDS[:24]
+    state = lc.prepare(model, torch.tensor([ids]))
+    pred = state["pred"]
+    cases = []
+    for t in (5, 14, 23):
+        runner = torch.topk(state["m_low"][t] / state["dist"][t].clamp(min=1e-30), 3, largest=False).indices
+        cases += [(t, int(j)) for j in runner if int(j) != int(pred[t])][:2]
+    targets, classes = torch.tensor([c[0] for c in cases]), torch.tensor([c[1] for c in cases])
+    zero = lc.margin_lower_bounds(model, state, targets, classes, torch.zeros(len(cases), dtype=torch.float64))
+    clean = torch.tensor([float(margin_fn(model, t, pred[t], j)(model.model.embed(torch.tensor([ids])))[0])
+                          for t, j in cases], dtype=torch.float64)
+    assert torch.all(zero <= clean) and torch.allclose(zero, clean, atol=1e-9), (zero, clean)
+    previous = zero
+    for eps in (1e-3, 1e-2, 5e-2):
+        lb = lc.margin_lower_bounds(model, state, targets, classes, torch.full((len(cases),), eps, dtype=torch.float64))
+        assert torch.all(lb <= previous + 1e-12)          # a bigger ball never raises the bound
+        for (t, j), bound in zip(cases, lb.tolist()):
+            found = smallest_margin(model, ids, t, int(pred[t]), j, eps)
+            assert bound <= found, (which, eps, t, j, bound, found)
+        previous = lb
+
+
+def test_freezing_the_maxmin_pattern_is_caught(trained, monkeypatch):
+    """The control: without the relaxation (every pair kept in its clean order) the bound is the
+    first-order one, which is not sound; the attack of the test above must find a margin below it."""
+    ids = IDS[:24]
+    real = lc._pair_relaxation
+    monkeypatch.setattr(lc, "_pair_relaxation", lambda delta, rad, rad0: real(delta, 0 * rad, 0 * rad0))
+    state = lc.prepare(trained, torch.tensor([ids]))
+    pred = state["pred"]
+    broken = 0
+    for t in (5, 14, 23):
+        j = int(torch.topk(state["m_low"][t] / state["dist"][t].clamp(min=1e-30), 2, largest=False).indices[1])
+        lb = lc.margin_lower_bounds(trained, state, torch.tensor([t]), torch.tensor([j]),
+                                    torch.tensor([0.2], dtype=torch.float64))
+        broken += float(lb) > smallest_margin(trained, ids, t, int(pred[t]), j, 0.2)
+    assert broken > 0
+
+
+def test_no_attack_breaks_a_linear_radius_and_the_radii_beat_the_module_bounds(trained):
+    ids = IDS[:48]
+    certs = certify.certify_tokens(trained, ids, method="best")
+    assert all(c.radius == max(c.radius_local, c.radius_global, c.radius_linear) for c in certs)
+    assert all(c.radius_linear >= max(c.radius_local, c.radius_global) for c in certs)
+    gain = [c.radius_linear / max(c.radius_local, c.radius_global) for c in certs if c.radius_global > 0]
+    assert sum(g > 1.15 for g in gain) >= len(gain) // 6, sorted(gain)   # the search steps by ≥ 2^(1/8)
+    linear = [certify.PositionCertificate(c.index, c.token, c.prediction, c.margin, c.radius_linear) for c in certs]
+    result = certify.attack(trained, ids, linear, steps=40, max_positions=16)
+    assert result["attacked"] >= 12 and result["violations"] == 0, result
+    inflated = [certify.PositionCertificate(c.index, c.token, c.prediction, c.margin, c.radius * 30) for c in linear]
+    assert certify.attack(trained, ids, inflated, steps=30, max_positions=16)["violations"] > 0
+
+
+def test_every_reported_radius_passed_the_check_and_the_search_is_tight(trained):
+    ids = IDS[:32]
+    start = torch.tensor([c.radius for c in certify.certify_tokens(trained, ids, method="global")])
+    pred, radius = lc.linear_radii(trained, torch.tensor([ids]), start)
+    state = lc.prepare(trained, torch.tensor([ids]))
+    assert torch.equal(pred, state["pred"])
+    grown = radius > start
+    assert grown.sum() >= 8 and bool(lc.certified_at(trained, state, radius, grown)[grown].all())
+    # below the growth cap (16× the start) the search ends within 2^(1/8) of a value that failed
+    inside = (radius > start) & (radius < start * 15.9)
+    assert inside.sum() >= 4
+    assert not bool(lc.certified_at(trained, state, radius * 1.1, inside).any())
+
+
+@pytest.mark.parametrize("kw", [dict(softmax_scale=2.0), dict(activation="gelu")])
+def test_other_models_are_refused_and_best_skips_them(kw):
+    model = certify.float64_copy(tiny(**kw))
+    assert lc.unsupported(model)
+    with pytest.raises(ValueError, match="linear"):
+        lc.linear_radii(model, torch.tensor([IDS[:8]]), torch.zeros(8, dtype=torch.float64))
+    certs = certify.certify_tokens(model, IDS[:8], method="best")
+    assert all(c.radius_linear is None for c in certs)
