@@ -76,8 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _certified_lines(result: dict, first: str, sep: str) -> str:
-    """The certified fractions with the positions they were measured on: the best (local or global)
-    radius on the first val positions, and the global radius alone on every evaluated position."""
+    """The certified fractions with the positions they were measured on: the best sound certificate
+    (local, global or linear relaxation) on the first val positions, and the global radius alone on
+    every evaluated position."""
     def fmt(fractions):
         return ", ".join(f"ε={k}: {v:.1%}" for k, v in fractions.items())
     n = result.get("local_positions")
