@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lipformer import LipformerConfig, LipformerForCausalLM, certify
-from lipformer.training.objectives import Objective, PowerSigma, body_lipschitz, bottom_logit_loss
+from lipformer.training.objectives import Objective, PowerSigma, body_lipschitz, bottom_logit_loss, pair_instability
 from lipformer.training.recipe import RecipeError, load_recipe
 
 
@@ -122,6 +122,57 @@ def test_recipe_objective_checks():
         load_recipe(preset="tiny", overrides=["train.eps_warmup=-1"])
     with pytest.raises(RecipeError):
         load_recipe(preset="tiny", overrides=["train.margin_weight=2"])
+
+
+def test_pair_instability_is_the_share_of_reach_a_pair_lacks():
+    """relu(1 − |δ|/r) per maxmin pair, r = ‖w_a − w_b‖·√d·L_l·ε with L_l the bound up to that MLP: checked
+    against a direct computation with exact σ's, 0 at ε → 0, 1 for a pair that is exactly tied."""
+    model = model_off_caps(activation="maxmin", softmax_scale=0.0, position_bias=4)
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    inputs = [x, 0.5 * x]
+    reach = []
+    body_lipschitz(model, exact_sigma, reach)
+    want = 0.0
+    for xi, L, layer in zip(inputs, reach, model.model.layers):
+        W = layer.mlp.fc_in.weight
+        h = W.size(0) // 2
+        z = xi @ W.T
+        r = (W[:h] - W[h:]).norm(dim=-1) * math.sqrt(32) * 0.01 * L
+        want = want + torch.clamp(1 - (z[..., :h] - z[..., h:]).abs() / r, min=0).mean()
+    got = pair_instability(model, inputs, 0.01, exact_sigma)
+    assert torch.allclose(got, want / 2) and 0 < float(got) < 1
+    assert float(pair_instability(model, inputs, 1e-12, exact_sigma)) == 0.0
+    with torch.no_grad():   # a tied pair: unit 0 and unit h of the first block read the same row
+        W = model.model.layers[0].mlp.fc_in.weight
+        W[W.size(0) // 2] = W[0]
+    tied = pair_instability(model, [x[:, :1, :]] * 2, 0.01, exact_sigma)
+    assert float(tied) >= 0.5 / W.size(0)   # that pair contributes 1 to the first block's mean
+
+
+def test_stability_needs_a_margin_objective_and_maxmin(tmp_path):
+    with pytest.raises(RecipeError, match="stability"):
+        load_recipe(preset="tiny", overrides=["train.stability=1"])
+    with pytest.raises(RecipeError, match="stability"):
+        load_recipe(preset="tiny", overrides=["train.objective=margin_global", "train.stability=-1"])
+    objective = Objective("margin_global", 0.01, stability=1.0)
+    model = model_off_caps().float()   # GELU
+    ids = torch.randint(0, 24, (1, 8))
+    with objective.recording(model):
+        logits = model(ids).logits
+    with pytest.raises(ValueError, match="maxmin"):
+        objective(model, logits, ids)
+
+
+def test_stability_trains_through_the_loop(tmp_path):
+    from lipformer.training.train import run
+
+    _loop_recipe(tmp_path, 4)   # builds the corpus in tmp_path/char
+    recipe = load_recipe("tiny", None, [
+        "data.dataset=char_dir", f"data.path={tmp_path / 'char'}", "train.max_steps=4", "train.eval_every=4",
+        "train.checkpoint_every=4", "train.objective=margin_global", "train.eps=0.01", "train.stability=1.0",
+        "model.activation=maxmin", "model.softmax_scale=0", "model.position_bias=4"])
+    result = run(recipe, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert math.isfinite(result["val_loss"]) and "certified_accuracy_module" in result
 
 
 def _loop_recipe(tmp_path, steps):

@@ -15,6 +15,12 @@
                    the forward records through hooks (`Objective.recording`). It rewards confident
                    attention far from ties instead of forcing the score range down.
 
+`stability` w_s > 0 adds w_s·(the mean over maxmin pairs and positions of relu(1 − |δ|/r)), δ = z_a − z_b
+the pair's difference and r = ‖w_a − w_b‖·e_l its reach under the body bound's radius e_l = √d·L_l·ε_train
+at that MLP's input (L_l the bound up to there): the ReLU-stability loss of Xiao et al. (2019) for
+the pairs a perturbation could reorder. Every such pair costs the linear-relaxation certificate
+(docs/lipschitz.md §10) its triangle relaxation; a pair it cannot reorder passes exactly.
+
 The margin loss may be mixed with plain cross-entropy, (1 − w)·CE(z) + w·CE(z̃) (`margin_weight`
 w, IBP's κ), so that the clean prediction keeps a direct signal while the bound is far too large.
 ε_train may be ramped linearly from 0 over the first `eps_warmup` steps (GloRo / IBP practice: a
@@ -67,8 +73,9 @@ class PowerSigma:
         return torch.einsum("...m,...mn,...n->...", u.to(W.dtype), W, v.to(W.dtype))
 
 
-def body_lipschitz(model, sigma) -> Tensor:
-    """L_body of docs/lipschitz.md §5 as a differentiable tensor, σ's from `sigma(weight, heads)`.
+def body_lipschitz(model, sigma, at_mlp: list | None = None) -> Tensor:
+    """L_body of docs/lipschitz.md §5 as a differentiable tensor, σ's from `sigma(weight, heads)`;
+    with `at_mlp`, the bound up to each block's MLP input is appended to it.
 
     Mirrors `lipformer.nn.compose_bounds` (dense layers): tests/test_objectives.py checks it equals
     `model.bounds().body` when `sigma` is exact.
@@ -86,11 +93,31 @@ def body_lipschitz(model, sigma) -> Tensor:
         out_att = so * sv.pow(2).sum().sqrt() * B / ATTENTION_DIVISOR
         L = L * ((1 - a) + a * L_att)
         B = (1 - a) * B + a * out_att
+        if at_mlp is not None:
+            at_mlp.append(L)
         n_in = math.sqrt(layer.mlp.fc_in.d_in / layer.mlp.fc_in.d_out) * sigma(layer.mlp.fc_in.weight)
         n_out = math.sqrt(layer.mlp.fc_out.d_in / layer.mlp.fc_out.d_out) * sigma(layer.mlp.fc_out.weight)
         L = L * ((1 - a) + a * n_in * layer.mlp.act_lipschitz * n_out)
         B = (1 - a) * B + a * n_out * n_in * B * layer.mlp.act_shrink
     return L
+
+
+def pair_instability(model, mlp_inputs: list, eps: float, sigma) -> Tensor:
+    """Mean over maxmin pairs, positions and blocks of relu(1 − |δ|/r) (see the module docstring):
+    0 when no perturbation of size ε could reorder a pair under the body bound, up to 1 at a tie."""
+    reach = []
+    body_lipschitz(model, sigma, reach)
+    root_d = math.sqrt(model.config.hidden_size)
+    total = 0.0
+    for x, L, layer in zip(mlp_inputs, reach, model.model.layers):
+        W = layer.mlp.fc_in.weight
+        half = W.size(0) // 2
+        dtype = torch.promote_types(torch.promote_types(x.dtype, W.dtype), torch.float32)   # bf16 → float32
+        z = F.linear(x.to(dtype), W.to(dtype))
+        delta = z[..., :half] - z[..., half:]
+        r = (W[:half] - W[half:]).to(dtype).norm(dim=-1) * (root_d * eps) * L.to(dtype)
+        total = total + torch.relu(1 - delta.abs() / r.clamp(min=1e-12)).mean()
+    return total / len(mlp_inputs)
 
 
 def bottom_logit_loss(logits: Tensor, targets: Tensor, head_weight: Tensor, deviation: Tensor) -> Tensor:
@@ -115,9 +142,12 @@ class Objective:
     """
 
     def __init__(self, name: str = "ce", eps: float = 0.0, power_iters: int = 12, eps_warmup: int = 0,
-                 weight: float = 1.0):
+                 weight: float = 1.0, stability: float = 0.0):
         if name not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+        if not (math.isfinite(stability) and stability >= 0):
+            raise ValueError(f"stability weight must be >= 0, got {stability}")
+        self.stability = float(stability)
         self.name, self.eps, self.power = name, float(eps), PowerSigma(power_iters)
         self.eps_warmup, self.weight = int(eps_warmup), float(weight)
         if not 0.0 <= self.weight <= 1.0:
@@ -132,8 +162,8 @@ class Objective:
 
     @contextmanager
     def recording(self, model):
-        """Record the sublayer inputs of the forward run inside (margin_local only)."""
-        if self.name != "margin_local":
+        """Record the sublayer inputs of the forward run inside (margin_local, or a stability term)."""
+        if self.name != "margin_local" and not self.stability:
             yield
             return
         from .local_surrogate import recording
@@ -143,6 +173,19 @@ class Objective:
 
     def __call__(self, model, logits: Tensor, targets: Tensor, step: int | None = None) -> Tensor:
         eps = self.eps_at(step)
+        extra = 0.0
+        if self.stability and eps > 0:
+            if self._seen is None or self._seen.mlp[0] is None:
+                raise RuntimeError("stability: run the forward inside `with objective.recording(model):`")
+            if model.config.activation != "maxmin":
+                raise ValueError("train.stability needs model.activation = 'maxmin' (it acts on maxmin's pairs)")
+            inputs = [m[0] for m in self._seen.mlp]
+            if self.name != "margin_local":
+                self._seen = None
+            extra = self.stability * pair_instability(model, inputs, eps, self.power.sigma)
+        return self._loss(model, logits, targets, eps) + extra
+
+    def _loss(self, model, logits: Tensor, targets: Tensor, eps: float) -> Tensor:
         if self.name == "ce" or eps == 0.0:
             self._seen = None
             return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -161,4 +204,4 @@ class Objective:
         return (1 - self.weight) * ce + self.weight * margin
 
 
-__all__ = ["OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss"]
+__all__ = ["OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "pair_instability"]

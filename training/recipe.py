@@ -60,6 +60,7 @@ class TrainConfig:
     eps: float = 0.0                    # training radius ε_train of the margin objectives (max-rms of inputs_embeds)
     eps_warmup: int = 0                 # ramp ε_train linearly from 0 over this many steps (0: full ε from step 0)
     margin_weight: float = 1.0          # loss = (1 − w)·CE + w·(margin loss) for the margin objectives
+    stability: float = 0.0              # weight of the maxmin pair-stability term (training/objectives.py; 0: off)
     init_from: str | None = None        # a saved model folder (e.g. OUT/final) whose weights start the run
                                         # (fine-tuning: fresh optimizer and schedule; --resume takes precedence)
 
@@ -155,6 +156,11 @@ def _check_train(t: TrainConfig) -> None:
         raise RecipeError(f"[train] eps_warmup must be >= 0, got {t.eps_warmup!r}")
     if not 0 <= t.margin_weight <= 1:
         raise RecipeError(f"[train] margin_weight must be in [0, 1], got {t.margin_weight!r}")
+    if not (isinstance(t.stability, (int, float)) and math.isfinite(t.stability) and t.stability >= 0):
+        raise RecipeError(f"[train] stability must be a number >= 0, got {t.stability!r}")
+    if t.stability and t.objective == "ce":
+        raise RecipeError("[train] stability needs a margin objective (its reach is taken at train.eps): "
+                          "set train.objective = \"margin_global\"")
     if t.init_from is not None and not (Path(str(t.init_from)) / "config.json").is_file():
         raise RecipeError(f"[train] init_from must be a saved model folder (with config.json), got {t.init_from!r}")
     radii = t.certify_radii
