@@ -256,6 +256,7 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     dist, m_low = state["dist"][idx], state["m_low"][idx]                           # (n, V)
     slack = m_low - dist * e_t[:, None] * ROUND_UP                                   # > 0: ruled out
     slack[torch.arange(idx.numel()), state["pred"][idx]] = math.inf
+    slack = torch.nan_to_num(slack, nan=-math.inf)                                   # NaN: no claim, relax it
     danger = torch.argsort(slack / dist.clamp(min=1e-300), dim=-1)                  # most dangerous first
     open_ = (slack <= 0).sum(-1)                                                      # classes left to relax
     alive = torch.ones(idx.numel(), dtype=torch.bool)
@@ -269,7 +270,7 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
         offset = torch.arange(r.numel()) - torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
         classes = danger[r, done[r] + offset]
         lb = margin_lower_bounds(model, state, idx[r], classes, eps[idx[r]])
-        failed = torch.zeros(idx.numel(), dtype=torch.bool).index_put_((r,), lb <= 0, accumulate=True)
+        failed = torch.zeros(idx.numel(), dtype=torch.bool).index_put_((r,), ~(lb > 0), accumulate=True)  # NaN fails
         alive &= ~failed
         done[rows] += take
         width *= 2

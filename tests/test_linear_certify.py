@@ -198,3 +198,17 @@ def test_training_certified_accuracy_counts_the_relaxation(trained):
     ok = lc.certified_at(trained, state, torch.tensor(0.1), right)
     glob = torch.tensor([c.radius for c in certify.certify_tokens(trained, IDS[:48], method="local")])
     assert int((right & (ok | (glob >= 0.1))).sum()) <= round(best["0.1"] * 96)
+
+
+def test_nan_weights_or_margins_certify_nothing(trained):
+    import copy
+
+    broken = copy.deepcopy(trained)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.fc_out.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):      # no sound σ: no claim at all
+        lc.prepare(broken, torch.tensor([IDS[:16]]))
+    state = lc.prepare(trained, torch.tensor([IDS[:16]]))
+    assert bool(lc.certified_at(trained, state, torch.tensor(1e-3))[3:6].all())
+    state["m_low"][3:6] = float("nan")                # a NaN margin is never read as "ruled out"
+    assert not bool(lc.certified_at(trained, state, torch.tensor(1e-3))[3:6].any())
