@@ -179,8 +179,10 @@ def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin) -> Te
             lam = keep + rho
             slack = slack + err
     dual = math.sqrt(d) * eps * _rows(lam).sum(-1) * ROUND_UP * ROUND_UP
-    clean_low = state["m_low"][targets, classes] - state["dist"][targets, classes] * e0_fin[targets]
-    return clean_low + icpt * ROUND_UP - slack * ROUND_UP - dual
+    m_low, cut = state["m_low"][targets, classes], state["dist"][targets, classes] * e0_fin[targets] * ROUND_UP
+    terms = (m_low, -cut, icpt * ROUND_UP, -slack * ROUND_UP, -dual)
+    # each of the four additions rounds by ≤ u of its result: subtract 4u·Σ|terms| so the sign is the exact sum's
+    return sum(terms) - 4 * U * sum(t.abs() for t in terms)
 
 
 def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -254,7 +256,8 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     _, e_fin, _, _ = _radii(model, state, values)
     e_t = e_fin[inv, idx]                                                             # (n,)
     dist, m_low = state["dist"][idx], state["m_low"][idx]                           # (n, V)
-    slack = m_low - dist * e_t[:, None] * ROUND_UP                                   # > 0: ruled out
+    cut = dist * e_t[:, None] * ROUND_UP
+    slack = m_low - cut - 2 * U * (m_low.abs() + cut)                                # > 0: ruled out
     slack[torch.arange(idx.numel()), state["pred"][idx]] = math.inf
     slack = torch.nan_to_num(slack, nan=-math.inf)                                   # NaN: no claim, relax it
     danger = torch.argsort(slack / dist.clamp(min=1e-300), dim=-1)                  # most dangerous first
