@@ -203,7 +203,8 @@ def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Te
     a, c_lo, s, c_up = _pair_relaxation(B["delta"][None, :e.size(1)], rad * ROUND_UP, rad0[None] * ROUND_UP)
     pos = kappa >= 0
     ks = kappa * torch.where(pos, a, s)
-    icpt = (kappa * torch.where(pos, c_lo, c_up)).sum((1, 2))                         # every term ≤ 0
+    terms = kappa * torch.where(pos, c_lo, c_up)                                      # every term ≤ 0
+    icpt = terms.sum((1, 2)) * (1 + spectral.gamma(terms[0].numel() + 2))            # a sum of ≤ 0 terms, rounded out
     nu = torch.cat((l2 + ks, l1 - ks), -1)                                            # on a (first half), on b
     err = err + (20 * U * _rows(mu) * dz).sum(-1)
     rho = nu @ Win                                                                    # (P, Tm, d)
@@ -245,7 +246,10 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     position is dropped at its first class that fails, and the waves double in size, so a position
     that fails costs about one backward pass and one that passes about as many as it needs."""
     T = state["T"]
-    eps = eps.to(torch.float64).expand(T).clone()
+    if not isinstance(eps, Tensor) or eps.dtype != torch.float64:
+        # a float32 ε (torch.tensor(0.01)) is not the radius asked for: 0.01 rounds *down* in float32
+        raise ValueError("certified_at: pass eps as a float64 tensor (torch.tensor(r, dtype=torch.float64))")
+    eps = eps.expand(T).clone()
     todo = torch.ones(T, dtype=torch.bool) if positions is None else positions.clone()
     todo &= eps > 0
     ok = torch.zeros(T, dtype=torch.bool)
@@ -260,7 +264,9 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     slack = m_low - cut - 2 * U * (m_low.abs() + cut)                                # > 0: ruled out
     slack[torch.arange(idx.numel()), state["pred"][idx]] = math.inf
     slack = torch.nan_to_num(slack, nan=-math.inf)                                   # NaN: no claim, relax it
-    danger = torch.argsort(slack / dist.clamp(min=1e-300), dim=-1)                  # most dangerous first
+    # open classes first (the loop relaxes exactly the first `open_` of this order), most dangerous first
+    key = torch.nan_to_num(slack / dist.clamp(min=1e-300), nan=-math.inf)
+    danger = torch.argsort(torch.where(slack <= 0, key, torch.full_like(key, math.inf)), dim=-1, stable=True)
     open_ = (slack <= 0).sum(-1)                                                      # classes left to relax
     alive = torch.ones(idx.numel(), dtype=torch.bool)
     done, width = torch.zeros(idx.numel(), dtype=torch.long), 1

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         total += right.numel()
         for e in eps:
             ok_g = right & (glob >= e)
-            ok = ok_g | lc.certified_at(model, state, torch.tensor(e), right & ~ok_g)
+            ok = ok_g | lc.certified_at(model, state, torch.tensor(e, dtype=torch.float64), right & ~ok_g)
             counts[f"{e:g}"]["global"] += int(ok_g.sum())
             counts[f"{e:g}"]["best"] += int(ok.sum())
     out = {"run": str(a.run), "positions": total, "accuracy": correct / total,

@@ -195,7 +195,7 @@ def test_training_certified_accuracy_counts_the_relaxation(trained):
     # every position counted at ε was certified by some sound method at ε: recount from scratch
     state = lc.prepare(trained, OneBatch(2, 48).x[:1])
     right = state["pred"] == OneBatch(2, 48).y[0]
-    ok = lc.certified_at(trained, state, torch.tensor(0.1), right)
+    ok = lc.certified_at(trained, state, torch.tensor(0.1, dtype=torch.float64), right)
     glob = torch.tensor([c.radius for c in certify.certify_tokens(trained, IDS[:48], method="local")])
     assert int((right & (ok | (glob >= 0.1))).sum()) <= round(best["0.1"] * 96)
 
@@ -209,6 +209,13 @@ def test_nan_weights_or_margins_certify_nothing(trained):
     with pytest.raises(ValueError, match="NaN"):      # no sound σ: no claim at all
         lc.prepare(broken, torch.tensor([IDS[:16]]))
     state = lc.prepare(trained, torch.tensor([IDS[:16]]))
-    assert bool(lc.certified_at(trained, state, torch.tensor(1e-3))[3:6].all())
+    assert bool(lc.certified_at(trained, state, torch.tensor(1e-3, dtype=torch.float64))[3:6].all())
     state["m_low"][3:6] = float("nan")                # a NaN margin is never read as "ruled out"
-    assert not bool(lc.certified_at(trained, state, torch.tensor(1e-3))[3:6].any())
+    assert not bool(lc.certified_at(trained, state, torch.tensor(1e-3, dtype=torch.float64))[3:6].any())
+
+
+def test_a_float32_radius_is_refused(trained):
+    """float32(0.01) < 0.01: a check at it would be counted as a certificate at a larger radius."""
+    state = lc.prepare(trained, torch.tensor([IDS[:8]]))
+    with pytest.raises(ValueError, match="float64"):
+        lc.certified_at(trained, state, torch.tensor(0.01))

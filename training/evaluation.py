@@ -79,7 +79,7 @@ def certified_accuracy(model, val, radii, batches: int = 4, local_sequences: int
             relaxed = certify.linear_certify.prepare(m64, x[row:row + 1].cpu()) if linear else None
             for r, key in zip(radii, keys):
                 open_ = right & (module < r)
-                extra = (certify.linear_certify.certified_at(m64, relaxed, torch.tensor(r), open_)
+                extra = (certify.linear_certify.certified_at(m64, relaxed, torch.tensor(r, dtype=torch.float64), open_)
                          if relaxed is not None and open_.any() else torch.zeros_like(open_))
                 hits["best"][key] += int((right & ((module >= r) | extra)).sum())
             local_total += len(certs)
