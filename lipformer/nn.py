@@ -336,6 +336,12 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, layer_idx)
         if self.position_bias is not None:
             mask = self._biased_mask(mask, start, T, k.size(-2), q.dtype)
+        elif mask is None and self.scale == 0:
+            # torch's CPU sdpa returns NaN for is_causal=True at scale 0 (uniform causal attention):
+            # spell the causal mask out, additive so that every attention interface reads it the same
+            keep = torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).tril(k.size(-2) - T)
+            mask = torch.zeros(1, 1, T, k.size(-2), dtype=q.dtype, device=x.device).masked_fill(
+                ~keep, torch.finfo(q.dtype).min)
         if attend is not None:
             return self.o(attend(self, q, k, v, mask).reshape(B, T, -1)) / ATTENTION_DIVISOR
         if mask is None and k.size(-2) != T:  # decoding with a cache: causal, aligned bottom-right

@@ -163,3 +163,27 @@ def test_config_validation_messages():
         LipformerConfig(hidden_size=30, num_attention_heads=4)
     with pytest.raises(Exception, match="w_max"):
         LipformerConfig(w_max={"q": -1.0})
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_uniform_causal_attention_at_scale_zero(impl):
+    """softmax_scale 0 without position offsets: every query averages the keys it sees. torch's CPU sdpa
+    returns NaN for is_causal at scale 0, so the forward spells the mask out; cached decoding agrees."""
+    torch.manual_seed(0)
+    cfg = LipformerConfig(vocab_size=20, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          max_position_embeddings=16, softmax_scale=0.0, attn_implementation=impl)
+    model = LipformerForCausalLM(cfg).eval()
+    ids = torch.randint(0, 20, (1, 8))
+    attn = model.model.layers[0].attn
+    x = model.model.ball(model.model.embed(ids))
+    seen = {}
+    hook = attn.o.register_forward_pre_hook(lambda mod, args: seen.__setitem__("y", args[0]))
+    logits = model(ids).logits
+    hook.remove()
+    v = attn.v(x)
+    mean = v.cumsum(1) / torch.arange(1, 9)[None, :, None]
+    assert torch.isfinite(logits).all()
+    assert torch.allclose(seen["y"], mean, atol=1e-5)
+    out = model.generate(ids[:, :4], max_new_tokens=4, do_sample=False)
+    full = model(out).logits[0, 3:-1].argmax(-1)
+    assert torch.equal(out[0, 4:], full)
