@@ -35,6 +35,7 @@ from .local_certify import CleanPass, clean_pass, final_radii
 from .margins import require_float64
 
 PAIRS_PER_PASS = 32            # (position, class) pairs in one batched backward pass
+REFINE_PAIRS = 32              # last-block pairs refined per position that fails (`last_pair_intervals`)
 
 
 def unsupported(model) -> str | None:
@@ -111,11 +112,11 @@ def _radii(model, state: dict, eps: Tensor) -> tuple[list[Tensor], Tensor, list[
     return [r[:-1] for r in record], final[:-1], [r[-1] for r in record], final[-1]
 
 
-def _pair_relaxation(delta: Tensor, rad: Tensor, rad0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For each ReLU r = relu(v) on a pair difference: the perturbed v′ lies in [l, u] = δ̂ ± rad and
-    the clean v in δ̂ ± rad0. Returns (a, c_lo, s, c_up) with, for every such v′ and v,
+def _pair_relaxation(delta: Tensor, down: Tensor, up: Tensor, rad0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For each ReLU r = relu(v) on a pair difference: the perturbed v′ lies in [l, u] = [δ̂ − down,
+    δ̂ + up] and the clean v in δ̂ ± rad0. Returns (a, c_lo, s, c_up) with, for every such v′ and v,
         a(v′ − v) + c_lo ≤ relu(v′) − relu(v) ≤ s(v′ − v) + c_up      (docs/lipschitz.md §10b)."""
-    lo, hi = delta - rad, delta + rad
+    lo, hi = delta - down, delta + up
     lo, hi = lo - 2 * U * lo.abs(), hi + 2 * U * hi.abs()                  # the subtraction's rounding, outward
     vlo, vhi = delta - rad0, delta + rad0
     vlo, vhi = vlo - 2 * U * vlo.abs(), vhi + 2 * U * vhi.abs()
@@ -138,38 +139,132 @@ def _pair_relaxation(delta: Tensor, rad: Tensor, rad0: Tensor) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def margin_lower_bounds(model, state: dict, targets: Tensor, classes: Tensor, eps: Tensor) -> Tensor:
+def margin_lower_bounds(model, state: dict, targets: Tensor, classes: Tensor, eps: Tensor,
+                        refined: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """(P,) lower bounds on the exact margin z_y − z_j at position targets[p] against class
-    classes[p], over every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[p]."""
+    classes[p], over every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[p].
+    `refined` = (down, up), each (T, F/2): intervals for the last block's pairs from
+    `last_pair_intervals` at the same ε per position (row t is used for targets at t)."""
     out = torch.empty(targets.numel(), dtype=torch.float64)
     values, index = eps.unique(return_inverse=True)
     e_in, e_fin, e0_in, e0_fin = _radii(model, state, values)
     order = torch.argsort(targets)                     # similar lengths in one pass
     for i in range(0, order.numel(), PAIRS_PER_PASS):
         sel = order[i:i + PAIRS_PER_PASS]
-        out[sel] = _backward(state, targets[sel], classes[sel], eps[sel], index[sel], e_in, e_fin, e0_in, e0_fin)
+        out[sel] = _backward(state, targets[sel], classes[sel], eps[sel], index[sel], e_in, e_fin, e0_in, e0_fin,
+                             refined)
     return out
 
 
-def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin) -> Tensor:
-    d, alpha = state["d"], state["alpha"]
+@torch.no_grad()
+def last_pair_intervals(model, state: dict, targets: Tensor, eps: Tensor, classes: Tensor | None = None,
+                        top: int = REFINE_PAIRS) -> tuple[Tensor, Tensor]:
+    """Tighter intervals for the last block's maxmin pairs at the given positions (docs/lipschitz.md
+    §10d). The last MLP acts on one position, so a margin at t sees only the pairs at t; the
+    module-wise interval δ̂_t ± ‖w_a − w_b‖·e_t charges every earlier layer its worst case in every
+    direction. Here each pair the interval leaves undecided gets two backward passes of its own
+    (directions ±(w_a − w_b) from the last MLP's input at t, through the last attention sublayer
+    and every earlier block, with the same relaxations and rounding accounting as a margin):
+        δ̂_t − down ≤ δ′_t ≤ δ̂_t + up   for every perturbation with max_s rms(δ_s) ≤ eps[i].
+    With `classes` (one competing class per target), only the `top` undecided pairs that weigh
+    most in that class's margin (|κ_j|·half-width, κ the margin's coefficient on relu(δ_j)) are
+    refined: the rest of the relaxation's loss is spread thin. Returns (down, up), each (T, F/2),
+    +inf where nothing was computed (the intersection with the module-wise interval then keeps
+    the latter)."""
+    T, d, nb = state["T"], state["d"], len(state["blocks"])
+    B = state["blocks"][-1]
+    half = B["delta"].size(1)
+    down = torch.full((T, half), math.inf, dtype=torch.float64)
+    up = down.clone()
+    if targets.numel() == 0:
+        return down, up
+    values, index = eps.unique(return_inverse=True)
+    e_in, _, e0_in, _ = _radii(model, state, values)
+    where = 2 * (nb - 1) + 1                                                          # the last MLP's input
+    e_t, e0_t = e_in[where][index, targets], e0_in[where][targets]                   # (n,)
+    rad = (B["pair_w"] * e_t[:, None] + B["noise"][targets]) * ROUND_UP              # (n, half)
+    rad0 = (B["pair_w"] * e0_t[:, None] + B["noise"][targets]) * ROUND_UP
+    delta = B["delta"][targets]
+    open_ = (delta - rad < 0) & (delta + rad > 0)                                    # undecided by the interval
+    if classes is not None and top < half:
+        mu = (state["alpha"] * state["D"][targets, classes]) @ B["Wout"]                 # (n, F)
+        weight = torch.where(open_, (mu[:, :half] - mu[:, half:]).abs() * rad, torch.full_like(rad, -1.0))
+        keep = torch.zeros_like(open_)
+        keep.scatter_(1, weight.topk(min(top, half), dim=1).indices, True)
+        open_ &= keep
+    q_row, q_pair = open_.nonzero(as_tuple=True)
+    if q_row.numel() == 0:
+        return down, up
+    Win = B["Win"]
+    C = Win[:half] - Win[half:]                                                        # ĉ, within u·|c| of w_a − w_b
+    lb = torch.empty(2, q_row.numel(), dtype=torch.float64)
+    order = torch.argsort(targets[q_row])
+    for i in range(0, order.numel(), PAIRS_PER_PASS):
+        sel = order[i:i + PAIRS_PER_PASS]
+        t, k = targets[q_row[sel]], index[q_row[sel]]
+        Tm, P = int(t.max()) + 1, sel.numel()
+        rows = torch.arange(P)
+        c = C[q_pair[sel]]
+        dev = e_in[where][k, t] + 2 * e0_in[where][t]                                 # ≥ ‖exact x′_t − exact x_t‖
+        for side, sign in enumerate((1.0, -1.0)):
+            lam = torch.zeros(P, Tm, d, dtype=torch.float64)
+            lam[rows, t] = sign * c
+            lam, icpt, slack = _propagate(state, lam, k, e_in, e0_in, nb - 1, "attn")
+            # ĉ against the exact w_a − w_b: ≤ u‖ĉ‖(1 + u)·‖δx_t‖
+            slack = slack + 2 * U * _rows(c) * dev
+            dual = math.sqrt(d) * eps[q_row[sel]] * _rows(lam).sum(-1) * ROUND_UP * ROUND_UP
+            terms = (icpt * ROUND_UP, -slack * ROUND_UP, -dual)
+            lb[side, sel] = sum(terms) - 3 * U * sum(x.abs() for x in terms)         # ≤ ±cᵀ(x′_t − x_t), exact
+    # δ′ ≥ δ − rad0 + lb₊ and δ′ ≤ δ + rad0 − lb₋, with δ the exact clean value, |δ − δ̂| ≤ rad0
+    r0 = rad0[q_row, q_pair]
+    lo_off = r0 - lb[0] + 2 * U * (r0 + lb[0].abs())
+    hi_off = r0 - lb[1] + 2 * U * (r0 + lb[1].abs())
+    tt = targets[q_row]
+    down[tt, q_pair] = torch.nan_to_num(lo_off, nan=math.inf)
+    up[tt, q_pair] = torch.nan_to_num(hi_off, nan=math.inf)
+    return down, up
+
+
+def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin, refined=None) -> Tensor:
+    d = state["d"]
     P, Tm = targets.numel(), int(targets.max()) + 1
     rows = torch.arange(P)
     D = state["D"][targets, classes]                                                 # (P, d)
     lam = torch.zeros(P, Tm, d, dtype=torch.float64)
     lam[rows, targets] = D
-    icpt = torch.zeros(P, dtype=torch.float64)
     # D̂ is within u of w_y − w_j: the exact margin's change differs by ≤ 2u‖D̂‖‖δh_t‖
     dh = e_fin[k, targets] + e0_fin[targets]
-    slack = 2 * U * _rows(D) * dh
-    for b in reversed(range(len(state["blocks"]))):
+    last = None if refined is None else (targets, refined[0][targets], refined[1][targets])
+    lam, icpt, slack = _propagate(state, lam, k, e_in, e0_in, len(state["blocks"]) - 1, "mlp", last)
+    slack = slack + 2 * U * _rows(D) * dh
+    dual = math.sqrt(d) * eps * _rows(lam).sum(-1) * ROUND_UP * ROUND_UP
+    m_low, cut = state["m_low"][targets, classes], state["dist"][targets, classes] * e0_fin[targets] * ROUND_UP
+    terms = (m_low, -cut, icpt * ROUND_UP, -slack * ROUND_UP, -dual)
+    # each of the four additions rounds by ≤ u of its result: subtract 4u·Σ|terms| so the sign is the exact sum's
+    return sum(terms) - 4 * U * sum(t.abs() for t in terms)
+
+
+def _propagate(state, lam, k, e_in, e0_in, start: int, sub0: str, last=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Back from coefficients `lam` (P, Tm, d) on the output of sublayer `sub0` of block `start` (for
+    "mlp": the block's output; for "attn": its MLP's input) to coefficients on inputs_embeds's
+    deviation. Returns (coefficients, intercept (P,), rounding slack (P,)): for every perturbation in
+    the ball, Σ_s Λ_s·(exact deviation there) − ... ≥ intercept − slack + Σ_s ⟨coefficients_s, δ_s⟩.
+    `last` = (targets, down, up): tighter intervals δ̂ − down ≤ δ′ ≤ δ̂ + up for the last block's pairs
+    at each query's target position (`last_pair_intervals`)."""
+    alpha, nb = state["alpha"], len(state["blocks"])
+    P, Tm, _ = lam.shape
+    icpt = torch.zeros(P, dtype=torch.float64)
+    slack = torch.zeros(P, dtype=torch.float64)
+    for b in reversed(range(start + 1)):
         B = state["blocks"][b]
         for sub in ("mlp", "attn"):
+            if b == start and sub0 == "attn" and sub == "mlp":
+                continue
             where = 2 * b + (1 if sub == "mlp" else 0)
             e = e_in[where][k, :Tm]                                                  # (P, Tm)
             dev = e + e0_in[where][None, :Tm]                                        # ≥ ‖x′_s − x_s‖₂
             if sub == "mlp":
-                rho, part, err = _mlp_back(B, lam, alpha, e, e0_in[where][:Tm], dev)
+                rho, part, err = _mlp_back(B, lam, alpha, e, e0_in[where][:Tm], dev, last if b == nb - 1 else None)
                 icpt += part
             else:
                 rho, err = _attn_back(B, lam, alpha, dev)
@@ -178,14 +273,11 @@ def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin) -> Te
             err = err + 3 * U * ((_rows(keep) + _rows(rho)) * dev).sum(-1)
             lam = keep + rho
             slack = slack + err
-    dual = math.sqrt(d) * eps * _rows(lam).sum(-1) * ROUND_UP * ROUND_UP
-    m_low, cut = state["m_low"][targets, classes], state["dist"][targets, classes] * e0_fin[targets] * ROUND_UP
-    terms = (m_low, -cut, icpt * ROUND_UP, -slack * ROUND_UP, -dual)
-    # each of the four additions rounds by ≤ u of its result: subtract 4u·Σ|terms| so the sign is the exact sum's
-    return sum(terms) - 4 * U * sum(t.abs() for t in terms)
+    return lam, icpt, slack
 
 
-def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Tensor,
+              last=None) -> tuple[Tensor, Tensor, Tensor]:
     """Coefficients on the MLP sublayer's branch input from those on the sublayer's output (lam):
     α, W_outᵀ, the pair relaxations, W_inᵀ. Returns (coefficients, intercept (P,), rounding slack (P,))."""
     Win, Wout, fro, s_in = B["Win"], B["Wout"], B["fro"], B["s_in"]
@@ -198,9 +290,16 @@ def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Te
     err = ((U * B["s_out"] + spectral.gamma(d) * fro["out"]) * _rows(lam) * dz).sum(-1) * ROUND_UP
     l1, l2 = mu[..., :half], mu[..., half:]                                           # on max, on min
     kappa = l1 - l2
-    rad = B["pair_w"] * e[..., None] + B["noise"][None, :e.size(1)]
+    rad = (B["pair_w"] * e[..., None] + B["noise"][None, :e.size(1)]) * ROUND_UP
     rad0 = B["pair_w"] * e0[:, None] + B["noise"][:e.size(1)]
-    a, c_lo, s, c_up = _pair_relaxation(B["delta"][None, :e.size(1)], rad * ROUND_UP, rad0[None] * ROUND_UP)
+    down = up = rad
+    if last is not None:                   # both intervals hold: the intersection does
+        targets, lo_t, hi_t = last
+        rows = torch.arange(rad.size(0))
+        down, up = rad.clone(), rad.clone()
+        down[rows, targets] = torch.minimum(rad[rows, targets], lo_t)
+        up[rows, targets] = torch.minimum(rad[rows, targets], hi_t)
+    a, c_lo, s, c_up = _pair_relaxation(B["delta"][None, :e.size(1)], down, up, rad0[None] * ROUND_UP)
     pos = kappa >= 0
     ks = kappa * torch.where(pos, a, s)
     terms = kappa * torch.where(pos, c_lo, c_up)                                      # every term ≤ 0
@@ -237,14 +336,17 @@ def _attn_back(B: dict, lam: Tensor, alpha: float, dev: Tensor) -> tuple[Tensor,
 
 
 @torch.no_grad()
-def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = None) -> Tensor:
+def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = None, *, refine: bool = False) -> Tensor:
     """(T,) bool: the prediction at position t is certified at radius eps[t] (one value per
     position), each competing class ruled out by the module-wise radius or, failing that, by the
     linear relaxation. `positions` (bool, T): only these are checked (others False).
 
     Classes are relaxed in waves, the most dangerous first (smallest module-wise distance): a
     position is dropped at its first class that fails, and the waves double in size, so a position
-    that fails costs about one backward pass and one that passes about as many as it needs."""
+    that fails costs about one backward pass and one that passes about as many as it needs.
+    With `refine`, the positions that fail get a second try with the last block's pairs bounded
+    by their own backward passes (`last_pair_intervals`; about 2·F/2·(share undecided) passes per
+    position: slow, for evaluation)."""
     T = state["T"]
     if not isinstance(eps, Tensor) or eps.dtype != torch.float64:
         # a float32 ε (torch.tensor(0.01)) is not the radius asked for: 0.01 rounds *down* in float32
@@ -268,6 +370,18 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     key = torch.nan_to_num(slack / dist.clamp(min=1e-300), nan=-math.inf)
     danger = torch.argsort(torch.where(slack <= 0, key, torch.full_like(key, math.inf)), dim=-1, stable=True)
     open_ = (slack <= 0).sum(-1)                                                      # classes left to relax
+    alive = _waves(model, state, idx, eps, danger, open_)
+    if refine and not alive.all():
+        # the positions the relaxation could not certify get their last block's pairs bounded one by one
+        again = (~alive).nonzero()[:, 0]
+        refined = last_pair_intervals(model, state, idx[again], eps[idx[again]], danger[again, 0])
+        alive[again] = _waves(model, state, idx[again], eps, danger[again], open_[again], refined)
+    ok[idx] = alive
+    return ok
+
+
+def _waves(model, state, idx: Tensor, eps: Tensor, danger: Tensor, open_: Tensor, refined=None) -> Tensor:
+    """(n,) bool: every one of the first open_[i] classes of danger[i] ruled out at position idx[i]."""
     alive = torch.ones(idx.numel(), dtype=torch.bool)
     done, width = torch.zeros(idx.numel(), dtype=torch.long), 1
     while True:
@@ -278,13 +392,12 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
         r = torch.repeat_interleave(rows, take)
         offset = torch.arange(r.numel()) - torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
         classes = danger[r, done[r] + offset]
-        lb = margin_lower_bounds(model, state, idx[r], classes, eps[idx[r]])
+        lb = margin_lower_bounds(model, state, idx[r], classes, eps[idx[r]], refined)
         failed = torch.zeros(idx.numel(), dtype=torch.bool).index_put_((r,), ~(lb > 0), accumulate=True)  # NaN fails
         alive &= ~failed
         done[rows] += take
         width *= 2
-    ok[idx] = alive
-    return ok
+    return alive
 
 
 LATTICE = 2.0 ** (1 / 4)     # radii are searched on start·2^(k/4)

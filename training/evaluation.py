@@ -77,11 +77,15 @@ def certified_accuracy(model, val, radii, batches: int = 4, local_sequences: int
             for name, r in (("local", loc), ("global", glob), ("module", module)):
                 _count(hits[name], radii, right, r)
             relaxed = certify.linear_certify.prepare(m64, x[row:row + 1].cpu()) if linear else None
-            for r, key in zip(radii, keys):
-                open_ = right & (module < r)
-                extra = (certify.linear_certify.certified_at(m64, relaxed, torch.tensor(r, dtype=torch.float64), open_)
-                         if relaxed is not None and open_.any() else torch.zeros_like(open_))
-                hits["best"][key] += int((right & ((module >= r) | extra)).sum())
+            # largest radius first: a prediction certified on a ball is certified on every smaller
+            # ball, so a position the relaxation settles at r is not checked again below r
+            settled = torch.zeros_like(right)
+            for r, key in sorted(zip(radii, keys), reverse=True):
+                open_ = right & (module < r) & ~settled
+                if relaxed is not None and open_.any():
+                    settled |= certify.linear_certify.certified_at(
+                        m64, relaxed, torch.tensor(r, dtype=torch.float64), open_)
+                hits["best"][key] += int((right & ((module >= r) | settled)).sum())
             local_total += len(certs)
     val.load_state_dict(state)
     share = lambda counts, n: {k: v / max(1, n) for k, v in counts.items()}  # noqa: E731
