@@ -13,7 +13,8 @@ worst case separately (the product of norms); this charges the product of the ac
 the ball cannot reorder a pair. On the trained `shakespeare-char` models about a fifth of the
 positions get ×1.2–2.8 larger radii; the rest of the 2–3× that a first-order estimate promises is
 lost to the pairs the per-token balls leave undecided (docs/lipschitz.md §10 has the proof, the
-float64 accounting and where it is loose; docs/results.md the measurements).
+float64 accounting and where it is loose; docs/results.md the measurements). `refine=True` bounds
+the pairs that cost a failing check the most by backward passes of their own (§10d).
 
 What it costs: a backward pass per (position, competing class) — only for the classes the
 module-wise certificate could not already rule out, most dangerous first — a few GFLOP per pair
@@ -35,7 +36,7 @@ from .local_certify import CleanPass, clean_pass, final_radii
 from .margins import require_float64
 
 PAIRS_PER_PASS = 32            # (position, class) pairs in one batched backward pass
-REFINE_PAIRS = 32              # last-block pairs refined per position that fails (`last_pair_intervals`)
+REFINE_PAIRS = 32              # pairs refined per block and failing query (`refine_intervals`)
 
 
 def unsupported(model) -> str | None:
@@ -140,11 +141,12 @@ def _pair_relaxation(delta: Tensor, down: Tensor, up: Tensor, rad0: Tensor) -> t
 
 @torch.no_grad()
 def margin_lower_bounds(model, state: dict, targets: Tensor, classes: Tensor, eps: Tensor,
-                        refined: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                        refined: dict | None = None, chosen: dict | None = None) -> Tensor:
     """(P,) lower bounds on the exact margin z_y − z_j at position targets[p] against class
     classes[p], over every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[p].
-    `refined` = (down, up), each (T, F/2): intervals for the last block's pairs from
-    `last_pair_intervals` at the same ε per position (row t is used for targets at t)."""
+    `refined` = {block: (down, up)}, each (T, F/2): tighter pair intervals from `pair_intervals`,
+    valid at every eps[p] used here. `chosen` = {block: (T, F/2) bool}: marks, for each query, the
+    REFINE_PAIRS undecided pairs per block that weigh most in its bound (`refine_intervals`)."""
     out = torch.empty(targets.numel(), dtype=torch.float64)
     values, index = eps.unique(return_inverse=True)
     e_in, e_fin, e0_in, e0_fin = _radii(model, state, values)
@@ -152,80 +154,78 @@ def margin_lower_bounds(model, state: dict, targets: Tensor, classes: Tensor, ep
     for i in range(0, order.numel(), PAIRS_PER_PASS):
         sel = order[i:i + PAIRS_PER_PASS]
         out[sel] = _backward(state, targets[sel], classes[sel], eps[sel], index[sel], e_in, e_fin, e0_in, e0_fin,
-                             refined)
+                             refined, chosen)
     return out
 
 
 @torch.no_grad()
-def last_pair_intervals(model, state: dict, targets: Tensor, eps: Tensor, classes: Tensor | None = None,
-                        top: int = REFINE_PAIRS) -> tuple[Tensor, Tensor]:
-    """Tighter intervals for the last block's maxmin pairs at the given positions (docs/lipschitz.md
-    §10d). The last MLP acts on one position, so a margin at t sees only the pairs at t; the
-    module-wise interval δ̂_t ± ‖w_a − w_b‖·e_t charges every earlier layer its worst case in every
-    direction. Here each pair the interval leaves undecided gets two backward passes of its own
-    (directions ±(w_a − w_b) from the last MLP's input at t, through the last attention sublayer
-    and every earlier block, with the same relaxations and rounding accounting as a margin):
-        δ̂_t − down ≤ δ′_t ≤ δ̂_t + up   for every perturbation with max_s rms(δ_s) ≤ eps[i].
-    With `classes` (one competing class per target), only the `top` undecided pairs that weigh
-    most in that class's margin (|κ_j|·half-width, κ the margin's coefficient on relu(δ_j)) are
-    refined: the rest of the relaxation's loss is spread thin. Returns (down, up), each (T, F/2),
-    +inf where nothing was computed (the intersection with the module-wise interval then keeps
-    the latter)."""
-    T, d, nb = state["T"], state["d"], len(state["blocks"])
-    B = state["blocks"][-1]
+def pair_intervals(model, state: dict, block: int, positions: Tensor, eps: Tensor, refined: dict | None = None,
+                   pairs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Tighter intervals for block `block`'s maxmin pairs (docs/lipschitz.md §10d): the module-wise
+    interval δ̂_s ± ‖w_a − w_b‖·e_s charges every earlier layer its worst case in every direction;
+    here each pair gets two backward passes of its own (directions ±(w_a − w_b) from that MLP's
+    input at s, back through the block's attention sublayer and every earlier block, with the same
+    relaxations — using `refined` for earlier blocks — and the same rounding accounting as a margin):
+        δ̂_s − down ≤ δ′_s ≤ δ̂_s + up   for every perturbation with max rms(δ) ≤ eps (one float64 value).
+    `pairs` (T, F/2) bool selects which (position, pair) to compute; default: every pair at
+    `positions` that the module-wise interval leaves undecided. Returns (down, up), each (T, F/2),
+    +inf where nothing was computed (the intersection with the module-wise interval keeps the latter)."""
+    T, d = state["T"], state["d"]
+    B = state["blocks"][block]
     half = B["delta"].size(1)
     down = torch.full((T, half), math.inf, dtype=torch.float64)
     up = down.clone()
-    if targets.numel() == 0:
+    e_in, _, e0_in, _ = _radii(model, state, eps.reshape(1))
+    where = 2 * block + 1                                                             # this MLP's input
+    rad = (B["pair_w"] * e_in[where][0][:, None] + B["noise"]) * ROUND_UP            # (T, half)
+    rad0 = (B["pair_w"] * e0_in[where][:, None] + B["noise"]) * ROUND_UP
+    open_ = (B["delta"] - rad < 0) & (B["delta"] + rad > 0)                          # undecided by the interval
+    if pairs is None:
+        pairs = torch.zeros_like(open_)
+        pairs[positions] = True
+    q_pos, q_pair = (pairs & open_).nonzero(as_tuple=True)
+    if q_pos.numel() == 0:
         return down, up
-    values, index = eps.unique(return_inverse=True)
-    e_in, _, e0_in, _ = _radii(model, state, values)
-    where = 2 * (nb - 1) + 1                                                          # the last MLP's input
-    e_t, e0_t = e_in[where][index, targets], e0_in[where][targets]                   # (n,)
-    rad = (B["pair_w"] * e_t[:, None] + B["noise"][targets]) * ROUND_UP              # (n, half)
-    rad0 = (B["pair_w"] * e0_t[:, None] + B["noise"][targets]) * ROUND_UP
-    delta = B["delta"][targets]
-    open_ = (delta - rad < 0) & (delta + rad > 0)                                    # undecided by the interval
-    if classes is not None and top < half:
-        mu = (state["alpha"] * state["D"][targets, classes]) @ B["Wout"]                 # (n, F)
-        weight = torch.where(open_, (mu[:, :half] - mu[:, half:]).abs() * rad, torch.full_like(rad, -1.0))
-        keep = torch.zeros_like(open_)
-        keep.scatter_(1, weight.topk(min(top, half), dim=1).indices, True)
-        open_ &= keep
-    q_row, q_pair = open_.nonzero(as_tuple=True)
-    if q_row.numel() == 0:
-        return down, up
-    Win = B["Win"]
-    C = Win[:half] - Win[half:]                                                        # ĉ, within u·|c| of w_a − w_b
-    lb = torch.empty(2, q_row.numel(), dtype=torch.float64)
-    order = torch.argsort(targets[q_row])
-    for i in range(0, order.numel(), PAIRS_PER_PASS):
-        sel = order[i:i + PAIRS_PER_PASS]
-        t, k = targets[q_row[sel]], index[q_row[sel]]
-        Tm, P = int(t.max()) + 1, sel.numel()
-        rows = torch.arange(P)
-        c = C[q_pair[sel]]
-        dev = e_in[where][k, t] + 2 * e0_in[where][t]                                 # ≥ ‖exact x′_t − exact x_t‖
+    C = B["Win"][:half] - B["Win"][half:]                                             # ĉ, within u·|c| of w_a − w_b
+    lb = torch.empty(2, q_pos.numel(), dtype=torch.float64)
+    k0 = torch.zeros(PAIRS_PER_PASS, dtype=torch.long)
+    for i in range(0, q_pos.numel(), PAIRS_PER_PASS):
+        t, c = q_pos[i:i + PAIRS_PER_PASS], C[q_pair[i:i + PAIRS_PER_PASS]]
+        Tm, P = int(t.max()) + 1, t.numel()
+        rows, k = torch.arange(P), k0[:P]
+        dev = e_in[where][0, t] + 2 * e0_in[where][t]                                 # ≥ ‖exact x′_s − exact x_s‖
         for side, sign in enumerate((1.0, -1.0)):
             lam = torch.zeros(P, Tm, d, dtype=torch.float64)
             lam[rows, t] = sign * c
-            lam, icpt, slack = _propagate(state, lam, k, e_in, e0_in, nb - 1, "attn")
-            # ĉ against the exact w_a − w_b: ≤ u‖ĉ‖(1 + u)·‖δx_t‖
+            lam, icpt, slack = _propagate(state, lam, k, e_in, e0_in, block, "attn", refined)
+            # ĉ against the exact w_a − w_b: ≤ u‖ĉ‖(1 + u)·‖δx_s‖
             slack = slack + 2 * U * _rows(c) * dev
-            dual = math.sqrt(d) * eps[q_row[sel]] * _rows(lam).sum(-1) * ROUND_UP * ROUND_UP
+            dual = math.sqrt(d) * eps * _rows(lam).sum(-1) * ROUND_UP * ROUND_UP
             terms = (icpt * ROUND_UP, -slack * ROUND_UP, -dual)
-            lb[side, sel] = sum(terms) - 3 * U * sum(x.abs() for x in terms)         # ≤ ±cᵀ(x′_t − x_t), exact
+            lb[side, i:i + P] = sum(terms) - 3 * U * sum(x.abs() for x in terms)     # ≤ ±cᵀ(x′_s − x_s), exact
     # δ′ ≥ δ − rad0 + lb₊ and δ′ ≤ δ + rad0 − lb₋, with δ the exact clean value, |δ − δ̂| ≤ rad0
-    r0 = rad0[q_row, q_pair]
-    lo_off = r0 - lb[0] + 2 * U * (r0 + lb[0].abs())
-    hi_off = r0 - lb[1] + 2 * U * (r0 + lb[1].abs())
-    tt = targets[q_row]
-    down[tt, q_pair] = torch.nan_to_num(lo_off, nan=math.inf)
-    up[tt, q_pair] = torch.nan_to_num(hi_off, nan=math.inf)
+    r0 = rad0[q_pos, q_pair]
+    down[q_pos, q_pair] = torch.nan_to_num(r0 - lb[0] + 2 * U * (r0 + lb[0].abs()), nan=math.inf)
+    up[q_pos, q_pair] = torch.nan_to_num(r0 - lb[1] + 2 * U * (r0 + lb[1].abs()), nan=math.inf)
     return down, up
 
 
-def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin, refined=None) -> Tensor:
+@torch.no_grad()
+def refine_intervals(model, state: dict, targets: Tensor, classes: Tensor, eps: Tensor) -> dict:
+    """{block: (down, up)} for the (target, class) queries that failed at one radius eps (a float64
+    0-d tensor): one recording pass marks, per query and block, the REFINE_PAIRS undecided pairs
+    whose relaxation costs its bound the most (|κ|·interval width); then blocks are refined bottom
+    up, each with the earlier blocks' refined intervals."""
+    chosen: dict = {}
+    margin_lower_bounds(model, state, targets, classes, eps.expand(targets.numel()), None, chosen)
+    refined: dict = {}
+    for b in range(len(state["blocks"])):
+        if b in chosen and chosen[b].any():
+            refined[b] = pair_intervals(model, state, b, targets, eps, refined, pairs=chosen[b])
+    return refined
+
+
+def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin, refined=None, chosen=None) -> Tensor:
     d = state["d"]
     P, Tm = targets.numel(), int(targets.max()) + 1
     rows = torch.arange(P)
@@ -234,8 +234,7 @@ def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin, refin
     lam[rows, targets] = D
     # D̂ is within u of w_y − w_j: the exact margin's change differs by ≤ 2u‖D̂‖‖δh_t‖
     dh = e_fin[k, targets] + e0_fin[targets]
-    last = None if refined is None else (targets, refined[0][targets], refined[1][targets])
-    lam, icpt, slack = _propagate(state, lam, k, e_in, e0_in, len(state["blocks"]) - 1, "mlp", last)
+    lam, icpt, slack = _propagate(state, lam, k, e_in, e0_in, len(state["blocks"]) - 1, "mlp", refined, chosen)
     slack = slack + 2 * U * _rows(D) * dh
     dual = math.sqrt(d) * eps * _rows(lam).sum(-1) * ROUND_UP * ROUND_UP
     m_low, cut = state["m_low"][targets, classes], state["dist"][targets, classes] * e0_fin[targets] * ROUND_UP
@@ -244,14 +243,14 @@ def _backward(state, targets, classes, eps, k, e_in, e_fin, e0_in, e0_fin, refin
     return sum(terms) - 4 * U * sum(t.abs() for t in terms)
 
 
-def _propagate(state, lam, k, e_in, e0_in, start: int, sub0: str, last=None) -> tuple[Tensor, Tensor, Tensor]:
+def _propagate(state, lam, k, e_in, e0_in, start: int, sub0: str, refined=None, chosen=None
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """Back from coefficients `lam` (P, Tm, d) on the output of sublayer `sub0` of block `start` (for
     "mlp": the block's output; for "attn": its MLP's input) to coefficients on inputs_embeds's
     deviation. Returns (coefficients, intercept (P,), rounding slack (P,)): for every perturbation in
-    the ball, Σ_s Λ_s·(exact deviation there) − ... ≥ intercept − slack + Σ_s ⟨coefficients_s, δ_s⟩.
-    `last` = (targets, down, up): tighter intervals δ̂ − down ≤ δ′ ≤ δ̂ + up for the last block's pairs
-    at each query's target position (`last_pair_intervals`)."""
-    alpha, nb = state["alpha"], len(state["blocks"])
+    the ball, lam·Δ(there) ≥ intercept − slack + Σ_s coefficients_s·Δx⁰_s (§10a). `refined`:
+    {block: (down, up)} tighter pair intervals (`pair_intervals`); `chosen`: see margin_lower_bounds."""
+    alpha = state["alpha"]
     P, Tm, _ = lam.shape
     icpt = torch.zeros(P, dtype=torch.float64)
     slack = torch.zeros(P, dtype=torch.float64)
@@ -264,8 +263,12 @@ def _propagate(state, lam, k, e_in, e0_in, start: int, sub0: str, last=None) -> 
             e = e_in[where][k, :Tm]                                                  # (P, Tm)
             dev = e + e0_in[where][None, :Tm]                                        # ≥ ‖x′_s − x_s‖₂
             if sub == "mlp":
-                rho, part, err = _mlp_back(B, lam, alpha, e, e0_in[where][:Tm], dev, last if b == nb - 1 else None)
+                weight = [] if chosen is not None else None
+                rho, part, err = _mlp_back(B, lam, alpha, e, e0_in[where][:Tm], dev,
+                                           (refined or {}).get(b), weight)
                 icpt += part
+                if weight:
+                    _mark_costliest(chosen, b, weight[0], state["T"])
             else:
                 rho, err = _attn_back(B, lam, alpha, dev)
             keep = lam * (1 - alpha)
@@ -276,8 +279,20 @@ def _propagate(state, lam, k, e_in, e0_in, start: int, sub0: str, last=None) -> 
     return lam, icpt, slack
 
 
+def _mark_costliest(chosen: dict, b: int, weight: Tensor, T: int) -> None:
+    """Mark, per query, the REFINE_PAIRS (position, pair) entries of weight (P, Tm, half) that are > 0
+    and largest, in chosen[b] (T, half)."""
+    P, Tm, half = weight.shape
+    if b not in chosen:
+        chosen[b] = torch.zeros(T, half, dtype=torch.bool)
+    flat = weight.reshape(P, -1)
+    val, ind = flat.topk(min(REFINE_PAIRS, flat.size(1)), dim=1)
+    ind = ind[val > 0]
+    chosen[b][ind // half, ind % half] = True
+
+
 def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Tensor,
-              last=None) -> tuple[Tensor, Tensor, Tensor]:
+              bounds=None, weight: list | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Coefficients on the MLP sublayer's branch input from those on the sublayer's output (lam):
     α, W_outᵀ, the pair relaxations, W_inᵀ. Returns (coefficients, intercept (P,), rounding slack (P,))."""
     Win, Wout, fro, s_in = B["Win"], B["Wout"], B["fro"], B["s_in"]
@@ -293,13 +308,13 @@ def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Te
     rad = (B["pair_w"] * e[..., None] + B["noise"][None, :e.size(1)]) * ROUND_UP
     rad0 = B["pair_w"] * e0[:, None] + B["noise"][:e.size(1)]
     down = up = rad
-    if last is not None:                   # both intervals hold: the intersection does
-        targets, lo_t, hi_t = last
-        rows = torch.arange(rad.size(0))
-        down, up = rad.clone(), rad.clone()
-        down[rows, targets] = torch.minimum(rad[rows, targets], lo_t)
-        up[rows, targets] = torch.minimum(rad[rows, targets], hi_t)
-    a, c_lo, s, c_up = _pair_relaxation(B["delta"][None, :e.size(1)], down, up, rad0[None] * ROUND_UP)
+    if bounds is not None:                 # both intervals hold: the intersection does
+        down = torch.minimum(rad, bounds[0][None, :e.size(1)])
+        up = torch.minimum(rad, bounds[1][None, :e.size(1)])
+    delta = B["delta"][None, :e.size(1)]
+    a, c_lo, s, c_up = _pair_relaxation(delta, down, up, rad0[None] * ROUND_UP)
+    if weight is not None:                 # what each undecided pair's relaxation may cost this bound
+        weight.append(kappa.abs() * (down + up) * ((delta - down < 0) & (delta + up > 0)))
     pos = kappa >= 0
     ks = kappa * torch.where(pos, a, s)
     terms = kappa * torch.where(pos, c_lo, c_up)                                      # every term ≤ 0
@@ -344,9 +359,9 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     Classes are relaxed in waves, the most dangerous first (smallest module-wise distance): a
     position is dropped at its first class that fails, and the waves double in size, so a position
     that fails costs about one backward pass and one that passes about as many as it needs.
-    With `refine`, the positions that fail get a second try with the last block's pairs bounded
-    by their own backward passes (`last_pair_intervals`; about 2·F/2·(share undecided) passes per
-    position: slow, for evaluation)."""
+    With `refine`, the positions that fail get a second try with the costliest pairs of every block
+    bounded by their own backward passes (`refine_intervals`: up to 2·REFINE_PAIRS passes per block
+    and failing position; slow, for evaluation)."""
     T = state["T"]
     if not isinstance(eps, Tensor) or eps.dtype != torch.float64:
         # a float32 ε (torch.tensor(0.01)) is not the radius asked for: 0.01 rounds *down* in float32
@@ -374,8 +389,10 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     if refine and not alive.all():
         # the positions the relaxation could not certify get their last block's pairs bounded one by one
         again = (~alive).nonzero()[:, 0]
-        refined = last_pair_intervals(model, state, idx[again], eps[idx[again]], danger[again, 0])
-        alive[again] = _waves(model, state, idx[again], eps, danger[again], open_[again], refined)
+        for value in eps[idx[again]].unique():             # intervals hold for one radius at a time
+            sub = again[eps[idx[again]] == value]
+            refined = refine_intervals(model, state, idx[sub], danger[sub, 0], value)
+            alive[sub] = _waves(model, state, idx[sub], eps, danger[sub], open_[sub], refined)
     ok[idx] = alive
     return ok
 

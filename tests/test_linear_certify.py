@@ -51,9 +51,9 @@ def margin_fn(model, t, y, j):
     return lambda z: model.model(inputs_embeds=z, use_cache=False).last_hidden_state[:, t] @ (W[y] - W[j])
 
 
-def pair_fn(model, t, j):
-    """z ↦ the last block's maxmin pair difference δ_j = z_a − z_b at position t."""
-    mlp = model.model.layers[-1].mlp
+def pair_fn(model, t, j, block=-1):
+    """z ↦ block `block`'s maxmin pair difference δ_j = z_a − z_b at position t."""
+    mlp = model.model.layers[block].mlp
     half = mlp.fc_in.weight.size(0) // 2
     c = mlp.fc_in.weight[j] - mlp.fc_in.weight[half + j]
 
@@ -139,35 +139,38 @@ def test_freezing_the_maxmin_pattern_is_caught(trained, monkeypatch):
     assert broken > 0
 
 
-@pytest.mark.parametrize("which", ["trained", "random"])
-def test_last_pair_intervals_hold_under_attack_and_are_tighter(which, trained):
-    """§10d: every refined interval for the last block's pairs contains what PGD and random corners
-    push the pair difference to, from both sides; and it is narrower than the module-wise one."""
+@pytest.mark.parametrize("which,block", [("trained", 1), ("trained", 0), ("random", 1)])
+def test_pair_intervals_hold_under_attack_and_are_tighter(which, block, trained):
+    """§10d: every refined pair interval (block 1 uses refined block-0 intervals, as
+    `refine_intervals` does) contains what PGD and random corners push the pair difference to,
+    from both sides; and it is narrower than the module-wise one."""
     model = trained if which == "trained" else random_model()
-    ids, eps = IDS[:24], 0.05
+    ids, eps = IDS[:24], torch.tensor(0.05, dtype=torch.float64)
     state = lc.prepare(model, torch.tensor([ids]))
     targets = torch.tensor([7, 16, 23])
-    down, up = lc.last_pair_intervals(model, state, targets, torch.full((3,), eps, dtype=torch.float64))
-    B = state["blocks"][-1]
-    e_in, _, _, _ = lc._radii(model, state, torch.tensor([eps], dtype=torch.float64))
-    rad = B["pair_w"] * e_in[-1][0, targets][:, None]                   # the module-wise half-width
-    refined = torch.isfinite(down[targets])
-    assert refined.sum() >= 10, refined.sum()                             # the test must exercise pairs
-    narrower = ((down + up)[targets][refined] < 2 * rad[refined]).float().mean()
+    refined = {0: lc.pair_intervals(model, state, 0, torch.arange(24), eps)} if block == 1 else {}
+    down, up = lc.pair_intervals(model, state, block, targets, eps, refined)
+    B = state["blocks"][block]
+    e_in, _, _, _ = lc._radii(model, state, eps.reshape(1))
+    rad = B["pair_w"] * e_in[2 * block + 1][0, targets][:, None]          # the module-wise half-width
+    refined_here = torch.isfinite(down[targets])
+    assert refined_here.sum() >= 10, refined_here.sum()                   # the test must exercise pairs
+    narrower = ((down + up)[targets][refined_here] < 2 * rad[refined_here]).float().mean()
     assert narrower > 0.9, narrower
     checked = 0
     for i, t in enumerate(targets.tolist()):
-        for j in refined[i].nonzero()[:, 0][:2].tolist():
+        for j in refined_here[i].nonzero()[:, 0][:2].tolist():
             delta = float(B["delta"][t, j])
-            low = smallest_margin(model, ids, t, 0, 0, eps, f=pair_fn(model, t, j))
-            high = -smallest_margin(model, ids, t, 0, 0, eps, f=lambda z, g=pair_fn(model, t, j): -g(z))
+            f = pair_fn(model, t, j, block)
+            low = smallest_margin(model, ids, t, 0, 0, float(eps), f=f)
+            high = -smallest_margin(model, ids, t, 0, 0, float(eps), f=lambda z, g=f: -g(z))
             assert delta - float(down[t, j]) <= low and high <= delta + float(up[t, j]), (t, j, low, high)
             checked += 1
     assert checked >= 5
 
 
 def test_refined_certificates_survive_attack_and_only_add(trained):
-    """certified_at(refine=True) certifies a superset, and PGD flips none of its positions."""
+    """certified_at(refine=True) certifies a superset, and PGD flips none of the positions it adds."""
     ids = IDS[:48]
     state = lc.prepare(trained, torch.tensor([ids]))
     certs = certify.certify_tokens(trained, ids, method="global")
