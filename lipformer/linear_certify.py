@@ -13,7 +13,7 @@ worst case separately (the product of norms); this charges the product of the ac
 the ball cannot reorder a pair. On the trained `shakespeare-char` models about a fifth of the
 positions get ×1.2–2.8 larger radii; the rest of the 2–3× that a first-order estimate promises is
 lost to the pairs the per-token balls leave undecided (docs/lipschitz.md §10 has the proof, the
-float64 accounting and where it is loose; docs/results.md the measurements). `refine=True` bounds
+float64 accounting and where it is loose; docs/results.md the measurements). `refine=N` bounds
 the pairs that cost a failing check the most by backward passes of their own (§10d).
 
 What it costs: a backward pass per (position, competing class) — only for the classes the
@@ -36,7 +36,7 @@ from .local_certify import CleanPass, clean_pass, final_radii
 from .margins import require_float64
 
 PAIRS_PER_PASS = 32            # (position, class) pairs in one batched backward pass
-REFINE_PAIRS = 32              # pairs refined per block and failing query (`refine_intervals`)
+REFINE_PAIRS = 32              # default pairs refined per block and failing query (`refine_intervals`)
 
 
 def unsupported(model) -> str | None:
@@ -146,7 +146,7 @@ def margin_lower_bounds(model, state: dict, targets: Tensor, classes: Tensor, ep
     classes[p], over every perturbation of inputs_embeds with max_s rms(δ_s) ≤ eps[p].
     `refined` = {block: (down, up)}, each (T, F/2): tighter pair intervals from `pair_intervals`,
     valid at every eps[p] used here. `chosen` = {block: (T, F/2) bool}: marks, for each query, the
-    REFINE_PAIRS undecided pairs per block that weigh most in its bound (`refine_intervals`)."""
+    chosen["top"] undecided pairs per block that weigh most in its bound (`refine_intervals`)."""
     out = torch.empty(targets.numel(), dtype=torch.float64)
     values, index = eps.unique(return_inverse=True)
     e_in, e_fin, e0_in, e0_fin = _radii(model, state, values)
@@ -211,12 +211,13 @@ def pair_intervals(model, state: dict, block: int, positions: Tensor, eps: Tenso
 
 
 @torch.no_grad()
-def refine_intervals(model, state: dict, targets: Tensor, classes: Tensor, eps: Tensor) -> dict:
+def refine_intervals(model, state: dict, targets: Tensor, classes: Tensor, eps: Tensor,
+                     top: int = REFINE_PAIRS) -> dict:
     """{block: (down, up)} for the (target, class) queries that failed at one radius eps (a float64
-    0-d tensor): one recording pass marks, per query and block, the REFINE_PAIRS undecided pairs
+    0-d tensor): one recording pass marks, per query and block, the `top` undecided pairs
     whose relaxation costs its bound the most (|κ|·interval width); then blocks are refined bottom
     up, each with the earlier blocks' refined intervals."""
-    chosen: dict = {}
+    chosen: dict = {"top": top}       # the ints are blocks
     margin_lower_bounds(model, state, targets, classes, eps.expand(targets.numel()), None, chosen)
     refined: dict = {}
     for b in range(len(state["blocks"])):
@@ -280,13 +281,13 @@ def _propagate(state, lam, k, e_in, e0_in, start: int, sub0: str, refined=None, 
 
 
 def _mark_costliest(chosen: dict, b: int, weight: Tensor, T: int) -> None:
-    """Mark, per query, the REFINE_PAIRS (position, pair) entries of weight (P, Tm, half) that are > 0
-    and largest, in chosen[b] (T, half)."""
+    """Mark, per query, the chosen["top"] (position, pair) entries of weight (P, Tm, half) that are
+    > 0 and largest, in chosen[b] (T, half)."""
     P, Tm, half = weight.shape
     if b not in chosen:
         chosen[b] = torch.zeros(T, half, dtype=torch.bool)
     flat = weight.reshape(P, -1)
-    val, ind = flat.topk(min(REFINE_PAIRS, flat.size(1)), dim=1)
+    val, ind = flat.topk(min(chosen["top"], flat.size(1)), dim=1)
     ind = ind[val > 0]
     chosen[b][ind // half, ind % half] = True
 
@@ -351,7 +352,7 @@ def _attn_back(B: dict, lam: Tensor, alpha: float, dev: Tensor) -> tuple[Tensor,
 
 
 @torch.no_grad()
-def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = None, *, refine: bool = False) -> Tensor:
+def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = None, *, refine: int = 0) -> Tensor:
     """(T,) bool: the prediction at position t is certified at radius eps[t] (one value per
     position), each competing class ruled out by the module-wise radius or, failing that, by the
     linear relaxation. `positions` (bool, T): only these are checked (others False).
@@ -360,7 +361,8 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     position is dropped at its first class that fails, and the waves double in size, so a position
     that fails costs about one backward pass and one that passes about as many as it needs.
     With `refine`, the positions that fail get a second try with the costliest pairs of every block
-    bounded by their own backward passes (`refine_intervals`: up to 2·REFINE_PAIRS passes per block
+    bounded by their own backward passes (`refine_intervals` with `top` = refine, e.g. REFINE_PAIRS:
+    up to 2·refine passes per block
     and failing position; slow, for evaluation)."""
     T = state["T"]
     if not isinstance(eps, Tensor) or eps.dtype != torch.float64:
@@ -391,7 +393,7 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
         again = (~alive).nonzero()[:, 0]
         for value in eps[idx[again]].unique():             # intervals hold for one radius at a time
             sub = again[eps[idx[again]] == value]
-            refined = refine_intervals(model, state, idx[sub], danger[sub, 0], value)
+            refined = refine_intervals(model, state, idx[sub], danger[sub, 0], value, int(refine))
             alive[sub] = _waves(model, state, idx[sub], eps, danger[sub], open_[sub], refined)
     ok[idx] = alive
     return ok

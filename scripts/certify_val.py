@@ -8,7 +8,7 @@ the global radius reaches ε or `linear_certify.certified_at` certifies it (each
 ruled out by the module-wise local radius or the relaxation). Results as one JSON object.
 
     python scripts/certify_val.py runs/full-mm --sequences 32 --eps 0.003,0.01
-    python scripts/certify_val.py runs/full-mm --sequences 8 --eps 0.01 --refine   # §10d, slower
+    python scripts/certify_val.py runs/full-mm --sequences 4 --eps 0.01 --refine 32   # §10d, slower
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--sequences", type=int, default=32, help="the first N val sequences of the first batch")
     p.add_argument("--eps", default="0.003,0.01")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--refine", action="store_true",
-                   help="also bound the last block's pairs one by one where the relaxation fails (§10d; slow)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="where the relaxation fails, bound the N costliest pairs per block by their own "
+                        "backward passes (docs/lipschitz.md §10d; e.g. 32; slow); 0: off")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pathlib import Path

@@ -170,7 +170,7 @@ def test_pair_intervals_hold_under_attack_and_are_tighter(which, block, trained)
 
 
 def test_refined_certificates_survive_attack_and_only_add(trained):
-    """certified_at(refine=True) certifies a superset, and PGD flips none of the positions it adds."""
+    """certified_at(refine=lc.REFINE_PAIRS) certifies a superset, and PGD flips none of the positions it adds."""
     ids = IDS[:48]
     state = lc.prepare(trained, torch.tensor([ids]))
     certs = certify.certify_tokens(trained, ids, method="global")
@@ -178,7 +178,7 @@ def test_refined_certificates_survive_attack_and_only_add(trained):
     for eps in (0.15, 0.3):
         e = torch.tensor(eps, dtype=torch.float64)
         plain = lc.certified_at(trained, state, e)
-        better = lc.certified_at(trained, state, e, refine=True)
+        better = lc.certified_at(trained, state, e, refine=lc.REFINE_PAIRS)
         assert bool((better | ~plain).all())                              # a superset
         new = (better & ~plain).nonzero()[:, 0].tolist()
         gained += len(new)
