@@ -360,10 +360,9 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     Classes are relaxed in waves, the most dangerous first (smallest module-wise distance): a
     position is dropped at its first class that fails, and the waves double in size, so a position
     that fails costs about one backward pass and one that passes about as many as it needs.
-    With `refine`, the positions that fail get a second try with the costliest pairs of every block
-    bounded by their own backward passes (`refine_intervals` with `top` = refine, e.g. REFINE_PAIRS:
-    up to 2·refine passes per block
-    and failing position; slow, for evaluation)."""
+    With `refine` = N > 0, the positions that fail get a second try with the N costliest pairs of
+    every block bounded by their own backward passes (`refine_intervals`; e.g. N = REFINE_PAIRS; up
+    to 2N passes per block and failing position: slow, for evaluation)."""
     T = state["T"]
     if not isinstance(eps, Tensor) or eps.dtype != torch.float64:
         # a float32 ε (torch.tensor(0.01)) is not the radius asked for: 0.01 rounds *down* in float32
@@ -389,7 +388,7 @@ def certified_at(model, state: dict, eps: Tensor, positions: Tensor | None = Non
     open_ = (slack <= 0).sum(-1)                                                      # classes left to relax
     alive = _waves(model, state, idx, eps, danger, open_)
     if refine and not alive.all():
-        # the positions the relaxation could not certify get their last block's pairs bounded one by one
+        # the positions the relaxation could not certify: their costliest pairs, bounded one by one
         again = (~alive).nonzero()[:, 0]
         for value in eps[idx[again]].unique():             # intervals hold for one radius at a time
             sub = again[eps[idx[again]] == value]
