@@ -113,6 +113,12 @@ def _radii(model, state: dict, eps: Tensor) -> tuple[list[Tensor], Tensor, list[
     return [r[:-1] for r in record], final[:-1], [r[-1] for r in record], final[-1]
 
 
+def _pair_radius(B: dict, e: Tensor) -> Tensor:
+    """(…, Tm, F/2): how far the exact pair differences can be from the computed δ̂ when the MLP's
+    input at each position s < Tm is within ℓ2 radius e[..., s] of the computed one (§10a)."""
+    return (B["pair_w"] * e[..., None] + B["noise"][:e.size(-1)]) * ROUND_UP
+
+
 def _pair_relaxation(delta: Tensor, down: Tensor, up: Tensor, rad0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For each ReLU r = relu(v) on a pair difference: the perturbed v′ lies in [l, u] = [δ̂ − down,
     δ̂ + up] and the clean v in δ̂ ± rad0. Returns (a, c_lo, s, c_up) with, for every such v′ and v,
@@ -177,8 +183,7 @@ def pair_intervals(model, state: dict, block: int, positions: Tensor, eps: Tenso
     up = down.clone()
     e_in, _, e0_in, _ = _radii(model, state, eps.reshape(1))
     where = 2 * block + 1                                                             # this MLP's input
-    rad = (B["pair_w"] * e_in[where][0][:, None] + B["noise"]) * ROUND_UP            # (T, half)
-    rad0 = (B["pair_w"] * e0_in[where][:, None] + B["noise"]) * ROUND_UP
+    rad, rad0 = _pair_radius(B, e_in[where][0]), _pair_radius(B, e0_in[where])      # (T, half)
     open_ = (B["delta"] - rad < 0) & (B["delta"] + rad > 0)                          # undecided by the interval
     if pairs is None:
         pairs = torch.zeros_like(open_)
@@ -306,14 +311,13 @@ def _mlp_back(B: dict, lam: Tensor, alpha: float, e: Tensor, e0: Tensor, dev: Te
     err = ((U * B["s_out"] + spectral.gamma(d) * fro["out"]) * _rows(lam) * dz).sum(-1) * ROUND_UP
     l1, l2 = mu[..., :half], mu[..., half:]                                           # on max, on min
     kappa = l1 - l2
-    rad = (B["pair_w"] * e[..., None] + B["noise"][None, :e.size(1)]) * ROUND_UP
-    rad0 = B["pair_w"] * e0[:, None] + B["noise"][:e.size(1)]
+    rad, rad0 = _pair_radius(B, e), _pair_radius(B, e0)[None]
     down = up = rad
     if bounds is not None:                 # both intervals hold: the intersection does
         down = torch.minimum(rad, bounds[0][None, :e.size(1)])
         up = torch.minimum(rad, bounds[1][None, :e.size(1)])
     delta = B["delta"][None, :e.size(1)]
-    a, c_lo, s, c_up = _pair_relaxation(delta, down, up, rad0[None] * ROUND_UP)
+    a, c_lo, s, c_up = _pair_relaxation(delta, down, up, rad0)
     if weight is not None:                 # what each undecided pair's relaxation may cost this bound
         weight.append(kappa.abs() * (down + up) * ((delta - down < 0) & (delta + up > 0)))
     pos = kappa >= 0
