@@ -103,13 +103,14 @@ def attack(model: LipformerForCausalLM, ids: list[int], certs: list[PositionCert
 
     One copy of the sequence per attacked position, each with its own radius; the attack
     maximizes the best wrong logit minus the predicted one at that position. A certificate that
-    holds has zero violations; `closest` is the smallest margin left, relative to the original.
+    holds has zero violations; `closest` is the smallest margin left, relative to the original;
+    `flipped` lists the attacked positions whose prediction the attack changed (or tied).
     """
     # the model is causal: the first `chunk` positions' logits are those of the whole text
     chunk = model.config.max_position_embeddings
     targets = [c for c in certs if c.radius > 0 and c.index < chunk][:max_positions]
     if not targets:
-        return {"attacked": 0, "violations": 0, "closest": None}
+        return {"attacked": 0, "violations": 0, "closest": None, "flipped": []}
     g = torch.Generator().manual_seed(seed)
     base = model.model.embed(torch.tensor([ids[:chunk]])).detach()
     P = len(targets)
@@ -140,7 +141,7 @@ def attack(model: LipformerForCausalLM, ids: list[int], certs: list[PositionCert
             delta = project(delta.detach() + step * direction)  # steepest ascent in max-rms
     best = torch.maximum(best, worst_gap(delta).detach())
     return {"attacked": P, "violations": int((best >= 0).sum()),
-            "closest": float((-best / initial.clamp(min=1e-30)).min())}
+            "closest": float((-best / initial.clamp(min=1e-30)).min()), "flipped": pos[best >= 0].tolist()}
 
 
 def certificate_json(bounds: ModelBound, certs: list[PositionCertificate] | None = None,

@@ -43,9 +43,25 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def check(model, bounds, ids, y, positions, eps: list[float], refine: int):
-    """For one sequence: (correct, {ε: (global ok, best ok)}) at the bool mask `positions` (T,),
-    every mask restricted to those positions. Radii largest first: a position certified at ε is
+def flips(model, ids, pred, open_, e: float, steps: int, seeds=(0, 1)) -> torch.Tensor:
+    """(T,) bool: positions of `open_` whose prediction a PGD attack (`certify.attack`, one random
+    start per seed) changes with a perturbation of max-rms e."""
+    from lipformer import certify
+
+    out = torch.zeros_like(open_)
+    where = open_.nonzero().flatten().tolist()
+    for i in range(0, len(where), 16):
+        targets = [certify.PositionCertificate(index=t, token=int(ids[0, t]), prediction=int(pred[t]), margin=0.0,
+                                               radius=e) for t in where[i:i + 16]]
+        for seed in seeds:
+            out[certify.attack(model, ids[0].tolist(), targets, steps=steps, max_positions=16, seed=seed)["flipped"]] = True
+    return out
+
+
+def check(model, bounds, ids, y, positions, eps: list[float], refine: int, attack: int = 0):
+    """For one sequence: (correct, {ε: (global ok, best ok, flipped)}) at the bool mask `positions`
+    (T,), every mask restricted to those positions; `flipped` (with attack > 0 PGD steps): correct,
+    not certified, and changed by an attack at ε. Radii largest first: a position certified at ε is
     certified at every smaller ε."""
     from lipformer import certify
     from lipformer import linear_certify as lc
@@ -60,7 +76,9 @@ def check(model, bounds, ids, y, positions, eps: list[float], refine: int):
         open_ = right & ~ok_g & ~settled
         if open_.any():
             settled |= lc.certified_at(model, state, torch.tensor(e, dtype=torch.float64), open_, refine=refine)
-        out[e] = (ok_g, ok_g | settled)
+        best = ok_g | settled
+        flipped = flips(model, ids, state["pred"], right & ~best, e, attack) if attack else torch.zeros_like(best)
+        out[e] = (ok_g, best, flipped)
     return right, out
 
 
@@ -79,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="where the relaxation fails, bound the N costliest pairs per block by their own "
                         "backward passes (docs/lipschitz.md §10d; e.g. 32; slow); 0: off")
+    p.add_argument("--attack", type=int, default=0, metavar="STEPS",
+                   help="PGD (2 starts of STEPS steps) at each ε on the correct positions no certificate covers: "
+                        "what is left unflipped bounds the robust accuracy from above")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pathlib import Path
@@ -97,7 +118,7 @@ def main(argv=None) -> int:
     val.reset()
     eps = [float(e) for e in a.eps.split(",")]
     bounds = model.bounds()
-    counts = {e: {"global": 0, "best": 0} for e in eps}
+    counts = {e: {"global": 0, "best": 0, "flipped": 0} for e in eps}
     correct = total = 0
     start = time.time()
     if a.sample:
@@ -121,31 +142,33 @@ def main(argv=None) -> int:
         everywhere = {e: int(every[e].sum()) for e in eps}
         disagree = 0        # batched vs one-sequence float64 passes: rounding could differ (counted, expect 0)
         for row in chosen.any(1).nonzero().flatten().tolist():
-            right, res = check(model, bounds, x[row:row + 1], y[row], chosen[row], eps, a.refine)
+            right, res = check(model, bounds, x[row:row + 1], y[row], chosen[row], eps, a.refine, a.attack)
             correct += int(right.sum())
             for e in eps:
-                counts[e]["global"] += int(res[e][0].sum())
-                counts[e]["best"] += int(res[e][1].sum())
+                for i, name in enumerate(("global", "best", "flipped")):
+                    counts[e][name] += int(res[e][i].sum())
                 disagree += int((res[e][0] != (every[e][row] & chosen[row])).sum())
         total = a.sample
     else:
         x, y = val.next_batch()
         for row in range(min(a.sequences, x.size(0))):
             mask = torch.ones(x.size(1), dtype=torch.bool)
-            right, res = check(model, bounds, x[row:row + 1], y[row], mask, eps, a.refine)
+            right, res = check(model, bounds, x[row:row + 1], y[row], mask, eps, a.refine, a.attack)
             correct += int(right.sum())
             total += right.numel()
             for e in eps:
-                counts[e]["global"] += int(res[e][0].sum())
-                counts[e]["best"] += int(res[e][1].sum())
+                for i, name in enumerate(("global", "best", "flipped")):
+                    counts[e][name] += int(res[e][i].sum())
     out = {"run": str(a.run), "positions": total, "accuracy": correct / total,
-           "certified_accuracy": {f"{e:g}": {m: v / total for m, v in c.items()} for e, c in counts.items()},
+           "certified_accuracy": {f"{e:g}": {m: c[m] / total for m in ("global", "best")} for e, c in counts.items()},
            "lipschitz_body": bounds.body, "seconds": round(time.time() - start, 1), "refine": a.refine,
            "note": "best = global radius, or per class the module-wise local radius or the linear relaxation"}
+    if a.attack:     # no certificate can certify more than the attack leaves standing
+        out["robust_upper"] = {f"{e:g}": (correct - c["flipped"]) / total for e, c in counts.items()}
     if a.sample:
         out["sample"] = {"drawn_from": S * T, "batches": a.batches, "seed": a.seed,
                          "accuracy_wilson95": wilson(correct, total),
-                         "certified_wilson95": {f"{e:g}": {m: wilson(v, total) for m, v in c.items()}
+                         "certified_wilson95": {f"{e:g}": {m: wilson(c[m], total) for m in ("global", "best")}
                                                 for e, c in counts.items()},
                          "global_all": {f"{e:g}": everywhere[e] / (S * T) for e in eps},
                          "global_disagreements": disagree}

@@ -94,7 +94,11 @@ def test_radius_is_tight_enough_to_matter_and_attack_breaks_beyond_it(trained):
     ids = tok(TEXT)["input_ids"][:64]
     certs = certify.certify_tokens(m64, ids)
     inflated = [certify.PositionCertificate(c.index, c.token, c.prediction, c.margin, c.radius * 200) for c in certs]
-    assert certify.attack(m64, ids, inflated, steps=40, max_positions=16)["violations"] > 0
+    result = certify.attack(m64, ids, inflated, steps=40, max_positions=16)
+    assert result["violations"] > 0
+    # `flipped` names exactly the broken positions, among those attacked
+    attacked = {c.index for c in inflated if c.radius > 0}
+    assert len(result["flipped"]) == result["violations"] and set(result["flipped"]) <= attacked
 
 
 @pytest.mark.parametrize("which", ["trained", "random0"])
