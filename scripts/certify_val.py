@@ -19,8 +19,8 @@ position's certificate is sound; the fraction over the whole set is a statistica
 global certificate is cheap, so its fraction over the whole set is exact (`global_all`); what the
 sample estimates is only the share the relaxation adds on top (positions certified by the best
 check and not by the global radius), and `best_estimate` = global_all + that share, with the 95%
-Wilson interval of the share. The added share is a few percent, so its interval is 3–5× narrower
-than that of the plain sample fraction (also reported).
+Wilson interval of the share. The added share is a few percent, so its interval is about 2.5× narrower
+than that of the plain sample fraction (also reported) at 500 positions.
 """
 
 from __future__ import annotations
@@ -80,6 +80,14 @@ def check(model, bounds, ids, y, positions, eps: list[float], refine: int, attac
         flipped = flips(model, ids, state["pred"], right & ~best, e, attack) if attack else torch.zeros_like(best)
         out[e] = (ok_g, best, flipped)
     return right, out
+
+
+def tally(counts: dict, right, res: dict) -> int:
+    """Add one sequence's masks from `check` to counts[ε]; returns its number of correct positions."""
+    for e, masks in res.items():
+        for name, mask in zip(("global", "best", "flipped"), masks):
+            counts[e][name] += int(mask.sum())
+    return int(right.sum())
 
 
 def main(argv=None) -> int:
@@ -145,22 +153,16 @@ def main(argv=None) -> int:
         disagree = 0        # batched vs one-sequence float64 passes: rounding could differ (counted, expect 0)
         for row in chosen.any(1).nonzero().flatten().tolist():
             right, res = check(model, bounds, x[row:row + 1], y[row], chosen[row], eps, a.refine, a.attack)
-            correct += int(right.sum())
-            for e in eps:
-                for i, name in enumerate(("global", "best", "flipped")):
-                    counts[e][name] += int(res[e][i].sum())
-                disagree += int((res[e][0] != (every[e][row] & chosen[row])).sum())
+            correct += tally(counts, right, res)
+            disagree += sum(int((res[e][0] != (every[e][row] & chosen[row])).sum()) for e in eps)
         total = a.sample
     else:
         x, y = val.next_batch()
         for row in range(min(a.sequences, x.size(0))):
             mask = torch.ones(x.size(1), dtype=torch.bool)
             right, res = check(model, bounds, x[row:row + 1], y[row], mask, eps, a.refine, a.attack)
-            correct += int(right.sum())
+            correct += tally(counts, right, res)
             total += right.numel()
-            for e in eps:
-                for i, name in enumerate(("global", "best", "flipped")):
-                    counts[e][name] += int(res[e][i].sum())
     out = {"run": str(a.run), "positions": total, "accuracy": correct / total,
            "certified_accuracy": {f"{e:g}": {m: c[m] / total for m in ("global", "best")} for e, c in counts.items()},
            "lipschitz_body": bounds.body, "seconds": round(time.time() - start, 1), "refine": a.refine,
