@@ -232,6 +232,16 @@ def bench(steps: int = 10) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def label_rows(heights: list[float], gap: float = 2.2, floor: float = 1.0) -> list[float]:
+    """Heights for a column of labels whose points sit at `heights` (descending): each label as close
+    to its point as a gap of `gap` below the one above allows, the column lifted if it ends below `floor`."""
+    out = []
+    for h in heights:
+        out.append(min(h, out[-1] - gap) if out else h)
+    lift = max(floor - out[-1], 0) if out else 0
+    return [h + lift for h in out]
+
+
 def report(out: Path) -> None:
     rows = [json.loads(line) for line in (out / "front.jsonl").read_text().splitlines() if line.strip()]
     best = any("certified_best" in r for r in rows)
@@ -263,12 +273,12 @@ def report(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for label, acc in NGRAM.items():
         ax.axvline(100 * acc, color="grey", ls="--", lw=0.8)
         ax.axhline(100 * acc, color="grey", ls=":", lw=0.8)
         ax.text(100 * acc, 1, label, rotation=90, fontsize=7, color="grey", va="bottom", ha="right")
-    labels = 0
+    named = []
     for r in rows:
         x, y = 100 * r["val_acc"], 100 * r.get("certified_best", r["certified"])[PLOT_EPS]
         margin = (any(str(o).startswith("train.objective=margin") for o in r["overrides"])
@@ -279,10 +289,13 @@ def report(out: Path) -> None:
         ax.scatter(x, y, marker="D" if margin else "o", color="C2" if maxmin else ("C3" if margin else "C0"),
                    s=90 if r.get("full_size") else 30, edgecolors="k" if r.get("full_size") else "none")
         if r.get("full_size") or not r.get("transcribed"):   # proxy rows transcribed from a table: named there
-            # full-size points sit close together: stagger their labels by annotation count, not row index
-            ax.annotate(f"{r['name']} (L {r['sound_L']:.2g})", (x, y), fontsize=7, xytext=(6, -14 + 10 * (labels % 5)),
-                        textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.3, "color": "0.5"})
-            labels += 1
+            named.append((x, y, f"{r['name']} (L {r['sound_L']:.2g})"))
+    # Full-size points sit within a few points of each other: their names go in a column right of
+    # the axes, in the points' vertical order, spaced apart, each with a leader line to its point.
+    named.sort(key=lambda n: -n[1])
+    for (x, y, text), ly in zip(named, label_rows([n[1] for n in named])):
+        ax.annotate(text, (x, y), xytext=(61, ly), textcoords="data", fontsize=7, va="center", annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
     ax.plot([0, 100], [0, 100], color="k", lw=0.5, label="certified = accuracy")
     if PLOT_EPS == "0.01":   # issue 19's shakespeare-char target: ≥ 50% accuracy and ≥ 40% certified at 1e-2
         ax.fill_between([50, 100], 40, 100, color="gold", alpha=0.25, lw=0, label="target (issue 19)")
@@ -293,8 +306,7 @@ def report(out: Path) -> None:
     ax.set_ylabel(f"certified-and-correct at ε = {PLOT_EPS} (%)")
     ax.set_title("accuracy vs certified accuracy (best sound radius where measured)\n◆ = margin objective, "
                  "green = maxmin activation, large = full size", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "front.png", dpi=120)
+    fig.savefig(out / "front.png", dpi=120, bbox_inches="tight")
 
 
 def main(argv=None) -> int:
