@@ -22,10 +22,11 @@ check and not by the global radius), and `best_estimate` = global_all + that sha
 Wilson interval of the share. The added share is a few percent, so its interval is about 2.5× narrower
 than that of the plain sample fraction (also reported) at 500 positions.
 
-`--split` adds the accuracy and the global certificate's certified-and-correct fraction over the
-whole val split read in order (every full batch: 475,136 positions at full size). The training
-loop's val batches are random windows (fixed seed), 256 of them in 4 batches: neighbouring
-positions share a passage, so their accuracy moves by a few tenths of a point with the draw.
+`--batches 0` makes the population the whole val split instead, read in order (every full batch:
+475,136 positions at full size). The training loop's val batches are random windows (fixed seed),
+256 of them in 4 batches; neighbouring positions share a passage, so a figure over those windows
+moves by a few tenths of a point with the draw. `--sample 1 --batches 0` is a cheap way to get the
+exact accuracy and global certified fraction over the whole split.
 """
 
 from __future__ import annotations
@@ -87,30 +88,6 @@ def check(model, bounds, ids, y, positions, eps: list[float], refine: int, attac
     return right, out
 
 
-def whole_split(model, bounds, val, eps: list[float]) -> dict:
-    """Accuracy and global certified-and-correct fractions over one sequential pass of `val`'s files
-    (consecutive windows of its length, every full batch)."""
-    from lipformer import certify
-    from lipformer.training.data.dataset import TokenDataset
-
-    val = TokenDataset(val.files, val.batch_size, val.seq_len, shuffle=False)
-    right = total = 0
-    ok = {e: 0 for e in eps}
-    with torch.no_grad():
-        for _ in range(val.batches_per_epoch):
-            x, y = val.next_batch()
-            for i in range(0, x.size(0), 16):
-                hidden = model.model(x[i:i + 16], use_cache=False).last_hidden_state
-                pred, _, radius = certify.radii_from_hidden(hidden, model.head.weight, bounds)
-                hit = pred == y[i:i + 16].reshape(-1)
-                right += int(hit.sum())
-                total += hit.numel()
-                for e in eps:
-                    ok[e] += int((hit & (radius >= e)).sum())
-    return {"positions": total, "batches": val.batches_per_epoch, "accuracy": right / total,
-            "global": {f"{e:g}": ok[e] / total for e in eps}}
-
-
 def tally(counts: dict, right, res: dict) -> int:
     """Add one sequence's masks from `check` to counts[ε]; returns its number of correct positions."""
     for e, masks in res.items():
@@ -127,7 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="instead of the first sequences: N positions drawn uniformly from the first --batches "
                         "val batches (an unbiased estimate of the fraction over all of them)")
-    p.add_argument("--batches", type=int, default=4, help="with --sample: the val batches drawn from")
+    p.add_argument("--batches", type=int, default=4,
+                   help="with --sample: the val batches drawn from; 0: the whole val split, read in order")
     p.add_argument("--seed", type=int, default=0, help="with --sample: the draw's seed")
     p.add_argument("--eps", default="0.003,0.01")
     p.add_argument("--threads", type=int, default=1)
@@ -137,14 +115,13 @@ def main(argv=None) -> int:
     p.add_argument("--attack", type=int, default=0, metavar="STEPS",
                    help="PGD (2 starts of STEPS steps) at each ε on the correct positions no certificate covers: "
                         "what is left unflipped bounds the robust accuracy from above")
-    p.add_argument("--split", action="store_true",
-                   help="also the accuracy and global certified fraction over every full batch of the val split")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pathlib import Path
 
     from lipformer import LipformerForCausalLM, certify
     from lipformer import linear_certify as lc
+    from lipformer.training.data.dataset import TokenDataset
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import open_data
 
@@ -161,7 +138,9 @@ def main(argv=None) -> int:
     correct = total = 0
     start = time.time()
     if a.sample:
-        rows = [val.next_batch() for _ in range(a.batches)]
+        if a.batches == 0:   # every full batch of one in-order pass over the split's files
+            val = TokenDataset(val.files, val.batch_size, val.seq_len, shuffle=False)
+        rows = [val.next_batch() for _ in range(a.batches or val.batches_per_epoch)]
         x, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         S, T = x.shape
         if a.sample > S * T:
@@ -198,8 +177,6 @@ def main(argv=None) -> int:
            "certified_accuracy": {f"{e:g}": {m: c[m] / total for m in ("global", "best")} for e, c in counts.items()},
            "lipschitz_body": bounds.body, "seconds": round(time.time() - start, 1), "refine": a.refine,
            "note": "best = global radius, or per class the module-wise local radius or the linear relaxation"}
-    if a.split:
-        out["split"] = whole_split(model, bounds, val, eps)
     if a.attack:     # no certificate can certify more than the attack leaves standing
         out["robust_upper"] = {f"{e:g}": (correct - c["flipped"]) / total for e, c in counts.items()}
     if a.sample:
