@@ -10,6 +10,7 @@ ruled out by the module-wise local radius or the relaxation). Results as one JSO
     python scripts/certify_val.py runs/full-mm --sequences 32 --eps 0.003,0.01
     python scripts/certify_val.py runs/full-mm --sequences 4 --eps 0.01 --refine 32   # §10d, slower
     python scripts/certify_val.py runs/full-mm --sample 512 --eps 0.01 --refine 128
+    python scripts/certify_val.py RUN --preset tiny data.dataset=char_dir data.path=FOLDER   # another val split
 
 `--sample N` estimates the fraction over every position of the first `--batches` val batches (the
 set the training loop's `certified_accuracy_global_all` counts; 4 × 64 × 256 = 65,536 at full size)
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run folder with final/ (or a saved model folder)")
     p.add_argument("--preset", default="shakespeare-char", help="the preset whose val split to read")
+    p.add_argument("overrides", nargs="*", help="recipe overrides for the data, e.g. data.dataset=char_dir "
+                                                "data.path=FOLDER")
     p.add_argument("--sequences", type=int, default=32, help="the first N val sequences of the first batch")
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="instead of the first sequences: N positions drawn uniformly from the first --batches "
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--attack", type=int, default=0, metavar="STEPS",
                    help="PGD (2 starts of STEPS steps) at each ε on the correct positions no certificate covers: "
                         "what is left unflipped bounds the robust accuracy from above")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     torch.set_num_threads(a.threads)
     from pathlib import Path
 
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     model = certify.float64_copy(LipformerForCausalLM.from_pretrained(folder))
     if lc.unsupported(model):
         raise SystemExit(f"certify_val: {lc.unsupported(model)}")
-    recipe = load_recipe(preset=a.preset, overrides=[f"model.max_position_embeddings={model.config.max_position_embeddings}"])
+    recipe = load_recipe(preset=a.preset, overrides=[f"model.max_position_embeddings={model.config.max_position_embeddings}", *a.overrides])
     _, val, _, _ = open_data(recipe)
     val.reset()
     eps = [float(e) for e in a.eps.split(",")]
