@@ -17,17 +17,21 @@ set the training loop's `certified_accuracy_global_all` counts; 4 × 64 × 256 =
 from N positions drawn uniformly from it without replacement: the first sequences of the split are
 an easier slice, and the refined check is too slow for all of them on a CPU. Each sampled
 position's certificate is sound; the fraction over the whole set is a statistical estimate. The
-global certificate is cheap, so its fraction over the whole set is exact (`global_all`); what the
-sample estimates is only the share the relaxation adds on top (positions certified by the best
-check and not by the global radius), and `best_estimate` = global_all + that share, with the 95%
-Wilson interval of the share. The added share is a few percent, so its interval is about 2.5× narrower
-than that of the plain sample fraction (also reported) at 500 positions.
+global certificate is cheap, so the accuracy and the global fraction over the whole set are exact;
+what the sample estimates is only the share the relaxation adds on top (sampled positions certified
+by the best check and not by the whole-set global pass), and `certified_accuracy[ε]["best"]` = the
+global fraction + that share (`best_is_estimate`), with the 95% Wilson interval of the share in
+`sample.best_wilson95`. The added share is a few percent, so its interval is about 2.5× narrower than
+that of the plain sample fraction (`sample.certified`) at 500 positions.
 
-`--batches 0` makes the population the whole val split instead, read in order (every full batch:
-475,136 positions at full size). The training loop's val batches are random windows (fixed seed),
-256 of them in 4 batches; neighbouring positions share a passage, so a figure over those windows
-moves by a few tenths of a point with the draw. `--sample 1 --batches 0` is a cheap way to get the
-exact accuracy and global certified fraction over the whole split.
+`--batches 0` makes the population every full window of the val split instead, read in order
+(1,894 windows, 484,864 of its 485,037 positions at full size). The training loop's val batches are
+random windows (fixed seed), 256 of them in 4 batches; neighbouring positions share a passage, so a
+figure over those windows moves by a few tenths of a point with the draw. `--sample 1 --batches 0`
+is a cheap way to get the exact accuracy and global certified fraction over the whole split.
+
+Bad input (a folder without a model, a val split with other token ids, a negative count or radius,
+an override outside data.*) is refused with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -97,20 +103,48 @@ def tally(counts: dict, right, res: dict) -> int:
     return int(right.sum())
 
 
+class Refused(Exception):
+    """Input this script will not run on: one line, exit status 2 (DESIGN §8)."""
+
+
+def parse_eps(text: str) -> list[float]:
+    try:
+        eps = [float(e) for e in text.split(",")]
+    except ValueError:
+        raise Refused(f"--eps must be a comma-separated list of radii, got {text!r}") from None
+    if not all(math.isfinite(e) and e > 0 for e in eps):
+        raise Refused(f"every --eps radius must be finite and positive, got {text!r}")
+    return eps
+
+
+def validate(a) -> None:
+    for name, least in (("sample", 0), ("batches", 0), ("sequences", 1), ("threads", 1), ("refine", 0),
+                        ("attack", 0)):
+        if getattr(a, name) < least:
+            raise Refused(f"--{name} must be at least {least}, got {getattr(a, name)}")
+    if a.batches == 0 and not a.sample:
+        raise Refused("--batches 0 (the whole val split) needs --sample N; --sample 1 gives its exact accuracy "
+                      "and global certified fraction")
+    for o in a.overrides:   # the window length and the rest of the recipe are the model's, not the caller's
+        if not o.startswith("data."):
+            raise Refused(f"only data.* overrides choose the val split here, got {o!r}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run folder with final/ (or a saved model folder)")
     p.add_argument("--preset", default="shakespeare-char", help="the preset whose val split to read")
-    p.add_argument("overrides", nargs="*", help="recipe overrides for the data, e.g. data.dataset=char_dir "
-                                                "data.path=FOLDER")
+    p.add_argument("overrides", nargs="*", help="recipe overrides for the data (data.* only), e.g. "
+                                                "data.dataset=char_dir data.path=FOLDER")
     p.add_argument("--sequences", type=int, default=32, help="the first N val sequences of the first batch")
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="instead of the first sequences: N positions drawn uniformly from the first --batches "
                         "val batches (an unbiased estimate of the fraction over all of them)")
     p.add_argument("--batches", type=int, default=4,
-                   help="with --sample: the val batches drawn from; 0: the whole val split, read in order")
+                   help="with --sample: the val batches drawn from; 0: every full window of the val split, "
+                        "read in order")
     p.add_argument("--seed", type=int, default=0, help="with --sample: the draw's seed")
-    p.add_argument("--eps", default="0.003,0.01")
+    p.add_argument("--eps", default="0.003,0.01", help="comma-separated radii (max-rms of inputs_embeds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="where the relaxation fails, bound the N costliest pairs per block by their own "
@@ -119,35 +153,81 @@ def main(argv=None) -> int:
                    help="PGD (2 starts of STEPS steps) at each ε on the correct positions no certificate covers: "
                         "what is left unflipped bounds the robust accuracy from above")
     a = p.parse_intermixed_args(argv)
-    torch.set_num_threads(a.threads)
-    from pathlib import Path
+    from lipformer.training.data import DataError
+    from lipformer.training.recipe import RecipeError
+
+    try:
+        validate(a)
+        out = certify_val(a, parse_eps(a.eps))
+    except (Refused, RecipeError, DataError, OSError) as exc:
+        print(f"certify_val: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+def open_model_and_split(a):
+    """(float64 model, its bounds, the val dataset), refusing a model the relaxation does not support
+    and a val split whose tokens are not the model's."""
+    import transformers
 
     from lipformer import LipformerForCausalLM, certify
     from lipformer import linear_certify as lc
-    from lipformer.training.data.dataset import TokenDataset
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import open_data
 
     folder = Path(a.run) / "final" if (Path(a.run) / "final").is_dir() else Path(a.run)
+    if not (folder / "config.json").is_file():
+        raise Refused(f"{a.run} is neither a run folder with final/ nor a saved model folder")
+    transformers.utils.logging.disable_progress_bar()   # a loading bar would split the one-line refusals
     model = certify.float64_copy(LipformerForCausalLM.from_pretrained(folder))
     if lc.unsupported(model):
-        raise SystemExit(f"certify_val: {lc.unsupported(model)}")
-    recipe = load_recipe(preset=a.preset, overrides=[f"model.max_position_embeddings={model.config.max_position_embeddings}", *a.overrides])
-    _, val, _, _ = open_data(recipe)
+        raise Refused(lc.unsupported(model))
+    T = model.config.max_position_embeddings
+    recipe = load_recipe(preset=a.preset, overrides=[f"model.max_position_embeddings={T}", *a.overrides])
+    _, val, tokenizer, vocab = open_data(recipe)
+    if vocab > model.config.vocab_size:
+        raise Refused(f"the val split has {vocab} token ids, the model only {model.config.vocab_size}")
+    if (folder / "tokenizer.json").is_file():   # same size is not enough: the same ids must mean the same text
+        if transformers.AutoTokenizer.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+            raise Refused(f"the val split's vocabulary is not the one saved with the model in {folder}")
+    return model, model.bounds(), val
+
+
+def certify_val(a, eps: list[float]) -> dict:
+    from lipformer import certify
+    from lipformer.training.data.dataset import TokenDataset
+
+    torch.set_num_threads(a.threads)
+    model, bounds, val = open_model_and_split(a)
     val.reset()
-    eps = [float(e) for e in a.eps.split(",")]
-    bounds = model.bounds()
     counts = {e: {"global": 0, "best": 0, "flipped": 0} for e in eps}
     correct = total = 0
     start = time.time()
-    if a.sample:
-        if a.batches == 0:   # every full batch of one in-order pass over the split's files
-            val = TokenDataset(val.files, val.batch_size, val.seq_len, shuffle=False)
+    if not a.sample:
+        x, y = val.next_batch()
+        for row in range(min(a.sequences, x.size(0))):
+            mask = torch.ones(x.size(1), dtype=torch.bool)
+            right, res = check(model, bounds, x[row:row + 1], y[row], mask, eps, a.refine, a.attack)
+            correct += tally(counts, right, res)
+            total += right.numel()
+        out = {"run": str(a.run), "population": f"the first {total // x.size(1)} sequences of the first val batch",
+               "positions": total, "accuracy": correct / total,
+               "certified_accuracy": {f"{e:g}": {m: c[m] / total for m in ("global", "best")}
+                                      for e, c in counts.items()}}
+        if a.attack:     # no certificate can certify more than the attack leaves standing
+            out["robust_upper"] = {f"{e:g}": (correct - c["flipped"]) / total for e, c in counts.items()}
+    else:
+        if a.batches == 0:   # every full window of one in-order pass over the split's files
+            val = TokenDataset(val.files, 1, val.seq_len, shuffle=False, vocab_size=model.config.vocab_size)
+            population = f"every full {val.seq_len}-token window of the val split, in order"
+        else:
+            population = f"the first {a.batches} val batches (random windows, the preset's seed)"
         rows = [val.next_batch() for _ in range(a.batches or val.batches_per_epoch)]
         x, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         S, T = x.shape
         if a.sample > S * T:
-            raise SystemExit(f"certify_val: --sample {a.sample} is more than the {S * T} positions of {a.batches} batches")
+            raise Refused(f"--sample {a.sample} is more than the {S * T} positions of {population}")
         pick = torch.randperm(S * T, generator=torch.Generator().manual_seed(a.seed))[:a.sample]
         chosen = torch.zeros(S * T, dtype=torch.bool)
         chosen[pick] = True
@@ -162,48 +242,38 @@ def main(argv=None) -> int:
                 right_all += int(ok.sum())
                 for e in eps:
                     every[e][i:i + 16] = (ok & (radius >= e)).reshape(-1, T)
-        everywhere = {e: int(every[e].sum()) for e in eps}
+        gain = dict.fromkeys(eps, 0)   # sampled positions the best check certifies and `every` does not
         disagree = 0        # batched vs one-sequence float64 passes: rounding could differ (counted, expect 0)
         for row in chosen.any(1).nonzero().flatten().tolist():
             right, res = check(model, bounds, x[row:row + 1], y[row], chosen[row], eps, a.refine, a.attack)
             correct += tally(counts, right, res)
-            disagree += sum(int((res[e][0] != (every[e][row] & chosen[row])).sum()) for e in eps)
-        total = a.sample
-    else:
-        x, y = val.next_batch()
-        for row in range(min(a.sequences, x.size(0))):
-            mask = torch.ones(x.size(1), dtype=torch.bool)
-            right, res = check(model, bounds, x[row:row + 1], y[row], mask, eps, a.refine, a.attack)
-            correct += tally(counts, right, res)
-            total += right.numel()
-    out = {"run": str(a.run), "positions": total, "accuracy": correct / total,
-           "certified_accuracy": {f"{e:g}": {m: c[m] / total for m in ("global", "best")} for e, c in counts.items()},
-           "lipschitz_body": bounds.body, "seconds": round(time.time() - start, 1), "refine": a.refine,
-           "note": "best = global radius, or per class the module-wise local radius or the linear relaxation"}
-    if a.attack:     # no certificate can certify more than the attack leaves standing
-        out["robust_upper"] = {f"{e:g}": (correct - c["flipped"]) / total for e, c in counts.items()}
-    if a.sample:
-        out["sample"] = {"drawn_from": S * T, "batches": a.batches, "seed": a.seed,
-                         "accuracy_wilson95": wilson(correct, total),
-                         "certified_wilson95": {f"{e:g}": {m: wilson(c[m], total) for m in ("global", "best")}
-                                                for e, c in counts.items()},
-                         "global_all": {f"{e:g}": everywhere[e] / (S * T) for e in eps},
-                         "global_disagreements": disagree}
-        for e in eps:
-            gain = counts[e]["best"] - counts[e]["global"]   # best ⊇ global position by position
-            lo, hi = wilson(gain, total)
-            base = everywhere[e] / (S * T)
-            out["sample"].setdefault("best_estimate", {})[f"{e:g}"] = {
-                "value": base + gain / total, "wilson95": (base + lo, base + hi), "added_share": gain / total}
-        out["sample"]["accuracy_all"] = right_all / (S * T)
-        if a.attack:     # the same split for the attack: exact accuracy minus the sampled flipped share
             for e in eps:
-                lo, hi = wilson(counts[e]["flipped"], total)
-                acc = right_all / (S * T)
-                out["sample"].setdefault("robust_upper_estimate", {})[f"{e:g}"] = {
-                    "value": acc - counts[e]["flipped"] / total, "wilson95": (acc - hi, acc - lo)}
-    print(json.dumps(out))
-    return 0
+                gain[e] += int((res[e][1] & ~every[e][row]).sum())
+                disagree += int((res[e][0] != (every[e][row] & chosen[row])).sum())
+        total, N = a.sample, S * T
+        # Exact over the population: accuracy and the global certificate. Estimated: what the best check
+        # adds on top (counted against the same global masks, so no position is counted twice).
+        out = {"run": str(a.run), "population": population, "positions": N, "accuracy": right_all / N,
+               "certified_accuracy": {f"{e:g}": {"global": int(every[e].sum()) / N,
+                                                 "best": (int(every[e].sum()) + N * gain[e] / total) / N}
+                                      for e in eps},
+               "best_is_estimate": True}
+        out["sample"] = {"positions": total, "seed": a.seed, "accuracy": correct / total,
+                         "certified": {f"{e:g}": {m: c[m] / total for m in ("global", "best")}
+                                       for e, c in counts.items()},
+                         "accuracy_wilson95": wilson(correct, total),
+                         "added_share": {f"{e:g}": gain[e] / total for e in eps},
+                         "best_wilson95": {f"{e:g}": tuple(int(every[e].sum()) / N + w for w in wilson(gain[e], total))
+                                           for e in eps},
+                         "global_disagreements": disagree}
+        if a.attack:     # exact accuracy minus the sampled share the attack flips
+            out["robust_upper"] = {f"{e:g}": (right_all / N - c["flipped"] / total) for e, c in counts.items()}
+            out["sample"]["robust_upper_wilson95"] = {
+                f"{e:g}": tuple(right_all / N - w for w in reversed(wilson(c["flipped"], total)))
+                for e, c in counts.items()}
+    out.update({"lipschitz_body": bounds.body, "seconds": round(time.time() - start, 1), "refine": a.refine,
+                "note": "best = global radius, or per class the module-wise local radius or the linear relaxation"})
+    return out
 
 
 if __name__ == "__main__":

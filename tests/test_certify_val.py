@@ -48,12 +48,20 @@ def run(capsys, *args):
     return json.loads(capsys.readouterr().out)
 
 
-def test_whole_split_counts_match_an_independent_pass(saved, corpus, capsys):
+def data(corpus):
+    return ["--preset", "tiny", "data.dataset=char_dir", f"data.path={corpus}"]
+
+
+def whole_split(corpus):
+    """Every full window of the val split in order, as the script reads it with --batches 0."""
     val = np.fromfile(Path(corpus) / "val.bin", dtype=np.uint16).astype(np.int64)
-    n = (len(val) - 1) // (B * T) * B * T            # every full batch of an in-order pass
-    assert n >= 4 * B * T
-    data = ["--preset", "tiny", "data.dataset=char_dir", f"data.path={corpus}"]
-    out = run(capsys, saved, *data, "--sample", n, "--batches", 0, "--eps", "0.003,0.01", "--threads", 1)
+    return val, (len(val) - 1) // T * T
+
+
+def test_whole_split_counts_match_an_independent_pass(saved, corpus, capsys):
+    val, n = whole_split(corpus)
+    assert n >= 4 * B * T and len(val) - 1 - n < T     # only the last partial window is left out
+    out = run(capsys, saved, *data(corpus), "--sample", n, "--batches", 0, "--eps", "0.003,0.01", "--threads", 1)
 
     model = LipformerForCausalLM.from_pretrained(saved).double()
     x = torch.from_numpy(val[:n]).reshape(-1, T)
@@ -61,24 +69,87 @@ def test_whole_split_counts_match_an_independent_pass(saved, corpus, capsys):
         pred = model(x).logits.argmax(-1)
     right = (pred == torch.from_numpy(val[1:n + 1]).reshape(-1, T)).double().mean().item()
     shifted = (pred == torch.from_numpy(val[2:n + 2]).reshape(-1, T)).double().mean().item()
-    assert out["sample"]["drawn_from"] == n
-    assert out["sample"]["accuracy_all"] == pytest.approx(right, abs=1e-12)
+    assert out["positions"] == n and out["best_is_estimate"]
+    assert out["accuracy"] == pytest.approx(right, abs=1e-12)
     assert abs(shifted - right) > 0.05     # control: labels one place off would be caught
     assert right > 0.5                     # the model predicts this text, not a frequency table
 
-    # every position sampled: the exact whole-split counts and the sampled ones must be the same numbers
-    assert out["positions"] == n and out["accuracy"] == pytest.approx(right, abs=1e-12)
-    assert out["sample"]["global_disagreements"] == 0
+    # every position sampled: the whole-population figures and the sampled ones must be the same numbers
+    sample = out["sample"]
+    assert sample["positions"] == n and sample["accuracy"] == pytest.approx(right, abs=1e-12)
+    assert sample["global_disagreements"] == 0
     for e in ("0.003", "0.01"):
         cert = out["certified_accuracy"][e]
-        assert cert["global"] == pytest.approx(out["sample"]["global_all"][e], abs=1e-12)
-        assert out["sample"]["best_estimate"][e]["value"] == pytest.approx(cert["best"], abs=1e-12)
+        assert sample["added_share"][e] == pytest.approx(cert["best"] - cert["global"], abs=1e-12)
+        assert cert["global"] == pytest.approx(sample["certified"][e]["global"], abs=1e-12)
+        assert cert["best"] == pytest.approx(sample["certified"][e]["best"], abs=1e-12)
         assert 0 < cert["global"] <= cert["best"] <= right
     c = out["certified_accuracy"]["0.01"]
     assert c["global"] < c["best"]         # the relaxation's share is counted too, not only the global one
 
 
-def test_a_sample_larger_than_the_population_is_refused(saved, corpus, capsys):
-    with pytest.raises(SystemExit, match="more than the"):
-        load_script().main([str(saved), "--preset", "tiny", "data.dataset=char_dir", f"data.path={corpus}",
-                            "--sample", "100000", "--batches", "0"])
+def test_a_sample_estimate_covers_the_whole_split_figure(saved, corpus, capsys):
+    _, n = whole_split(corpus)
+    args = [saved, *data(corpus), "--batches", 0, "--eps", "0.01"]
+    exact = run(capsys, *args, "--sample", n)["certified_accuracy"]["0.01"]["best"]
+    part = run(capsys, *args, "--sample", 300, "--seed", 3)
+    lo, hi = part["sample"]["best_wilson95"]["0.01"]
+    assert part["sample"]["positions"] == 300 and part["positions"] == n
+    assert lo <= part["certified_accuracy"]["0.01"]["best"] <= hi
+    assert lo <= exact <= hi
+
+
+def test_no_attack_breaks_what_the_script_counts_as_certified(saved, corpus, capsys):
+    out = run(capsys, saved, *data(corpus), "--sequences", 3, "--eps", "0.01,0.05", "--attack", 30)
+    for e, c in out["certified_accuracy"].items():
+        assert c["best"] <= out["robust_upper"][e] <= out["accuracy"]
+    # control: at the larger radius the attack does flip correct predictions, so the bound above is not idle
+    assert out["robust_upper"]["0.05"] < out["accuracy"]
+
+
+def test_wilson_interval():
+    wilson = load_script().wilson
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(10, 10)[1] == pytest.approx(1.0) and wilson(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sample", "100000", "--batches", "0"], "more than the"),
+    (["--sample", "-5"], "--sample must be at least 0"),
+    (["--batches", "0"], "needs --sample"),
+    (["--eps", "abc"], "comma-separated"),
+    (["--eps", "-0.01"], "finite and positive"),
+    (["model.max_position_embeddings=64"], "only data.* overrides"),
+])
+def test_bad_input_is_refused_in_one_line(saved, corpus, capsys, extra, message):
+    assert load_script().main([str(saved), *data(corpus), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_folder_without_a_model_or_a_foreign_split_is_refused(saved, corpus, capsys, tmp_path):
+    assert load_script().main([str(tmp_path), *data(corpus)]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+    from lipformer.training.data import build_char_corpus
+
+    other = tmp_path / "other"       # 200 distinct characters: more ids than the model's embedding has
+    build_char_corpus(["".join(chr(0x100 + i) for i in range(200)) * 40], other)
+    assert load_script().main([str(saved), "--preset", "tiny", "data.dataset=char_dir", f"data.path={other}"]) == 2
+    assert "token ids" in capsys.readouterr().err
+
+
+def test_a_split_whose_ids_mean_other_characters_is_refused(saved, corpus, capsys, tmp_path):
+    import shutil
+
+    from lipformer.training.data import build_char_corpus
+    from lipformer.training.data.char_corpus import char_tokenizer_from_meta
+
+    shifted = build_char_corpus(["".join(chr(ord(c) + 0x100) for c in CORPUS)], tmp_path / "shifted")
+    for meta, code in ((shifted, 2), (corpus, 0)):   # same number of ids, other characters; control: its own
+        folder = tmp_path / f"model-{code}"
+        shutil.copytree(saved, folder)
+        char_tokenizer_from_meta(meta).save_pretrained(folder)
+        assert load_script().main([str(folder), *data(corpus), "--sequences", "1", "--eps", "0.01"]) == code
+        if code:
+            assert "not the one saved with the model" in capsys.readouterr().err
