@@ -251,11 +251,11 @@ def certify_val(a, eps: list[float]) -> dict:
                 gain[e] += int((res[e][1] & ~every[e][row]).sum())
                 disagree += int((res[e][0] != (every[e][row] & chosen[row])).sum())
         total, N = a.sample, S * T
+        base = {e: int(every[e].sum()) / N for e in eps}
         # Exact over the population: accuracy and the global certificate. Estimated: what the best check
         # adds on top (counted against the same global masks, so no position is counted twice).
         out = {"run": str(a.run), "population": population, "positions": N, "accuracy": right_all / N,
-               "certified_accuracy": {f"{e:g}": {"global": int(every[e].sum()) / N,
-                                                 "best": (int(every[e].sum()) + N * gain[e] / total) / N}
+               "certified_accuracy": {f"{e:g}": {"global": base[e], "best": base[e] + gain[e] / total}
                                       for e in eps},
                "best_is_estimate": True}
         out["sample"] = {"positions": total, "seed": a.seed, "accuracy": correct / total,
@@ -263,8 +263,7 @@ def certify_val(a, eps: list[float]) -> dict:
                                        for e, c in counts.items()},
                          "accuracy_wilson95": wilson(correct, total),
                          "added_share": {f"{e:g}": gain[e] / total for e in eps},
-                         "best_wilson95": {f"{e:g}": tuple(int(every[e].sum()) / N + w for w in wilson(gain[e], total))
-                                           for e in eps},
+                         "best_wilson95": {f"{e:g}": tuple(base[e] + w for w in wilson(gain[e], total)) for e in eps},
                          "global_disagreements": disagree}
         if a.attack:     # exact accuracy minus the sampled share the attack flips
             out["robust_upper"] = {f"{e:g}": (right_all / N - c["flipped"] / total) for e, c in counts.items()}
