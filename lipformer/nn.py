@@ -48,7 +48,9 @@ def maxmin(z: Tensor) -> Tensor:
 class _MaxMin(torch.autograd.Function):
     """maxmin with one comparison kept for backward: the gradient is the same permutation as the
     forward (at a tie, the whole of it goes to one unit — a valid subgradient, where torch.maximum's
-    backward splits it in halves). Two to three times faster than torch.maximum/minimum's forward
+    backward splits it in halves). Values equal torch.maximum/minimum's for every non-NaN input (a
+    NaN reaches one output here, both there; the next matmul spreads it to all either way). No
+    forward-mode AD / torch.func rules: those raise, nothing here uses them. Two to three times faster than torch.maximum/minimum's forward
     and backward on the MLP's activations, which dominate a training step's elementwise time."""
 
     @staticmethod
@@ -367,7 +369,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
         if self.position_bias is not None and self.scale == 0 and mask is None and cache is None:
-            return self.o(self.position_only(v)) / ATTENTION_DIVISOR
+            # q and k enter with weight 0, as in the general path's 0·q·kᵀ: their gradients stay exact
+            # zeros, not None (DDP's gradient buckets wait for every parameter it was given)
+            return self.o(self.position_only(v)) / ATTENTION_DIVISOR + 0 * (q.sum() + k.sum())
         if self.position_bias is not None:
             mask = self._biased_mask(mask, start, T, k.size(-2), q.dtype)
         elif mask is None and self.scale == 0:

@@ -153,13 +153,18 @@ def _rows(folder):
 # Weights after 8 steps, relative Frobenius distance. Muon runs Newton–Schulz in bf16 (eps 2⁻⁸):
 # gradients that differ in the last float32 bits (DDP sums per-rank means) flip some bf16 roundings,
 # ~1e-3 of the update; AdamW stays at float32 rounding (~1e-5 after 8 steps).
-@pytest.mark.parametrize("optimizer, lr, weight_tol", [("muon", 0.05, 5e-3), ("adamw", 0.003, 1e-4)])
-def test_ddp_two_processes_match_one_process_at_the_same_global_batch(corpus, tmp_path, optimizer, lr, weight_tol):
+# "position": position-only attention with plain cross-entropy, whose q and k take no part in the
+# loss (softmax scale 0): they must still get (zero) gradients, or DDP's buckets never reduce.
+@pytest.mark.parametrize("optimizer, lr, weight_tol, model", [
+    ("muon", 0.05, 5e-3, ()), ("adamw", 0.003, 1e-4, ()),
+    ("muon", 0.05, 5e-3, ("model.softmax_scale=0", "model.position_bias=8"))], ids=["muon", "adamw", "position"])
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(corpus, tmp_path, optimizer, lr, weight_tol,
+                                                                      model):
     from safetensors.torch import load_file
 
     from lipformer.training.train import run
     torch.set_num_threads(1)
-    extra = [f"train.optimizer={optimizer}", f"train.lr={lr}"]
+    extra = [f"train.optimizer={optimizer}", f"train.lr={lr}", *model]
     single = run(_recipe(corpus, "train.batch_size=16", *extra), tmp_path / "single", progress=False, log=_quiet)
     _spawn(_ddp_worker, tmp_path, corpus, 8, extra)
     r0, r1 = (json.loads((tmp_path / f"result-{r}.json").read_text()) for r in range(WORLD))
