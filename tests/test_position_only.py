@@ -138,3 +138,27 @@ def test_maxmin_kernel_keeps_values_exactly(dtype):
     z = torch.randn(8, 6, 32, generator=torch.Generator().manual_seed(5)).to(dtype)
     a, b = z.chunk(2, dim=-1)
     assert torch.equal(maxmin(z), torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=-1))
+
+
+def test_maxmin_forward_mode_and_torch_func_match_the_reference():
+    """jvp, jacrev and vmap go through the kernel (a Jacobian-norm check of a bound may use any of
+    them) and give the reference's derivatives; a wrong tangent rule is caught."""
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    _, jvp = torch.func.jvp(maxmin, (z,), (t,))
+    _, ref_jvp = torch.func.jvp(reference_maxmin, (z,), (t,))
+    close = dict(rtol=0, atol=1e-15)   # torch.maximum's jvp mixes tangents by 0/1 weights: last-bit rounding
+    torch.testing.assert_close(jvp, ref_jvp, **close)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(z, t)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(maxmin(dual)).tangent, ref_jvp, **close)
+    jac = torch.func.vmap(torch.func.jacrev(reference_maxmin))(z)
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacrev(maxmin))(z), jac, **close)
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(maxmin))(z), jac, **close)
+    assert (jvp - t).abs().max() > 0.1   # control: an identity tangent rule would fail the comparison
+
+
+def reference_maxmin(z):
+    a, b = z.chunk(2, dim=-1)
+    return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=-1)
