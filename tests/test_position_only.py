@@ -47,6 +47,12 @@ def general(model, ids=None, embeds=None, allowed=None):
         lnn.Attention.forward = forward
 
 
+def reference_maxmin(z):
+    """maxmin through torch.maximum / torch.minimum: what the kernel must equal."""
+    a, b = z.chunk(2, dim=-1)
+    return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=-1)
+
+
 def count_fast_calls(monkeypatch) -> list:
     calls = []
     original = lnn.Attention.position_only
@@ -122,8 +128,7 @@ def test_maxmin_backward_is_the_forwards_permutation():
     w = torch.randn(50, 16, generator=g, dtype=torch.float64)
     (maxmin(z) * w).sum().backward()
     ref = z.detach().clone().requires_grad_()
-    a, b = ref.chunk(2, dim=-1)
-    (torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=-1) * w).sum().backward()
+    (reference_maxmin(ref) * w).sum().backward()
     assert torch.equal(z.grad, ref.grad)   # no ties in random data: the same gradient exactly
     # at a tie the whole gradient goes to one unit: still a permutation, norms kept
     tie = torch.tensor([[2.0, -1.0, 2.0, 3.0]], dtype=torch.float64, requires_grad=True)
@@ -136,8 +141,7 @@ def test_maxmin_backward_is_the_forwards_permutation():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_maxmin_kernel_keeps_values_exactly(dtype):
     z = torch.randn(8, 6, 32, generator=torch.Generator().manual_seed(5)).to(dtype)
-    a, b = z.chunk(2, dim=-1)
-    assert torch.equal(maxmin(z), torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=-1))
+    assert torch.equal(maxmin(z), reference_maxmin(z))
 
 
 def test_maxmin_forward_mode_and_torch_func_match_the_reference():
@@ -157,8 +161,3 @@ def test_maxmin_forward_mode_and_torch_func_match_the_reference():
     torch.testing.assert_close(torch.func.vmap(torch.func.jacrev(maxmin))(z), jac, **close)
     torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(maxmin))(z), jac, **close)
     assert (jvp - t).abs().max() > 0.1   # control: an identity tangent rule would fail the comparison
-
-
-def reference_maxmin(z):
-    a, b = z.chunk(2, dim=-1)
-    return torch.cat((torch.maximum(a, b), torch.minimum(a, b)), dim=-1)
