@@ -91,7 +91,8 @@ def main() -> None:
         par = Parallel.for_run(model, t.parallel, torch.device("cpu"), compile=t.compile)
         optimizer, scheduler = build_optimizer_for(model, t)
         objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
-                                                                      weight=t.margin_weight, stability=t.stability)
+                                                                      weight=t.margin_weight, stability=t.stability,
+                                                                      margin_on=t.margin_on)
         rows[name] = (par, optimizer, scheduler, SpectralProjection(model, optimizer), objective)
     times = {name: [] for name in rows}
     with tempfile.TemporaryDirectory() as out:

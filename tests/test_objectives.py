@@ -110,6 +110,33 @@ def test_margin_objective_gradient_flows_through_the_bound():
     assert torch.allclose(ce, F.cross_entropy(logits.reshape(-1, 24), ids.reshape(-1)))
 
 
+def test_margin_on_correct_takes_the_margin_loss_only_where_the_prediction_is_right():
+    """margin_on="correct": per position the bottom-logit loss where argmax z = y, CE elsewhere."""
+    model = model_off_caps().float()
+    ids = torch.randint(0, 24, (2, 16))
+    logits = model(ids).logits
+    z = logits.reshape(-1, 24)
+    y = z.argmax(-1).clone()
+    y[::3] = (y[::3] + 1) % 24                  # a third of the targets wrong, the rest right
+    targets = y.view(2, 16)
+    e = math.sqrt(32) * body_lipschitz(model, PowerSigma().sigma) * 0.05
+    right = z.argmax(-1) == y
+    assert 0 < int(right.sum()) < y.numel()      # both kinds of position: the mask matters
+    per_margin = bottom_logit_loss(z, y, model.head.weight, e, reduction="none")
+    per_ce = F.cross_entropy(z, y, reduction="none")
+    expect = torch.where(right, per_margin, per_ce).mean()
+    got = Objective("margin_global", 0.05, margin_on="correct")(model, logits, targets)
+    assert torch.allclose(got, expect, rtol=1e-5)
+    # control: over all positions the loss is larger (the margin loss is > CE wherever e > 0)
+    assert Objective("margin_global", 0.05)(model, logits, targets) > got + 1e-3
+    mixed = Objective("margin_global", 0.05, weight=0.5, margin_on="correct")(model, logits, targets)
+    assert torch.allclose(mixed, 0.5 * per_ce.mean() + 0.5 * expect, rtol=1e-5)
+    with pytest.raises(ValueError, match="margin_on"):
+        Objective("margin_global", 0.05, margin_on="wrong")
+    with pytest.raises(RecipeError, match="margin_on"):
+        load_recipe(preset="tiny", overrides=["train.margin_on=some"])
+
+
 def test_recipe_objective_checks():
     r = load_recipe(preset="tiny", overrides=["train.objective=margin_global", "train.eps=0.01"])
     assert r.train.objective == "margin_global" and r.train.eps == 0.01

@@ -26,6 +26,13 @@ w, IBP's κ), so that the clean prediction keeps a direct signal while the bound
 ε_train may be ramped linearly from 0 over the first `eps_warmup` steps (GloRo / IBP practice: a
 full-size margin from step 0 pushes a model at init toward the trivial constant predictor).
 
+`margin_on = "correct"` takes the margin loss only at the positions the clean logits already predict
+correctly and plain cross-entropy at the others (MACER's choice, Zhai et al. 2020). A language model
+is wrong on about half of its positions, and there the margin loss is large and mostly a push on
+L_body (∂/∂e of CE(z̃) is Σ_j p̃_j‖w_y − w_j‖, near its maximum when p̃_y is small): the positions that
+can never count as certified-and-correct would set how much accuracy is traded for radius. The mask
+is taken without gradient, so it only selects which loss each position gets.
+
 L_body for *training* is a differentiable estimate, not the certificate: the same composition as
 `lipformer.nn.compose_bounds` (docs/lipschitz.md §4–5), but with each σ_max from a few
 power iterations from a fixed start, σ ≈ uᵀWv, whose gradient uvᵀ is the gradient of σ_max. Power iteration can only
@@ -120,18 +127,23 @@ def pair_instability(model, mlp_inputs: list, eps: float, sigma) -> Tensor:
     return total / len(mlp_inputs)
 
 
-def bottom_logit_loss(logits: Tensor, targets: Tensor, head_weight: Tensor, deviation: Tensor) -> Tensor:
+def bottom_logit_loss(logits: Tensor, targets: Tensor, head_weight: Tensor, deviation: Tensor,
+                      reduction: str = "mean") -> Tensor:
     """Cross-entropy on z̃_j = z_j + ‖w_y − w_j‖·e (j ≠ y), z̃_y = z_y.
 
     logits (..., V), targets (...), head_weight (V, d), deviation: e, a scalar or a tensor
     broadcastable to targets' shape (per-position bounds on ‖Δh‖₂ of the final hidden state).
+    reduction: as in F.cross_entropy ("none": one loss per position, flattened).
     """
     z = logits.float().reshape(-1, logits.size(-1))
     y = targets.reshape(-1)
     W = head_weight.float()
     dist = torch.cdist(W, W)  # ‖w_i − w_j‖₂, zero on the diagonal so z̃_y = z_y
     e = deviation.float().reshape(-1, 1) if deviation.dim() else deviation.float()
-    return F.cross_entropy(z + dist[y] * e, y)
+    return F.cross_entropy(z + dist[y] * e, y, reduction=reduction)
+
+
+MARGIN_ON = ("all", "correct")
 
 
 class Objective:
@@ -142,9 +154,12 @@ class Objective:
     """
 
     def __init__(self, name: str = "ce", eps: float = 0.0, power_iters: int = 12, eps_warmup: int = 0,
-                 weight: float = 1.0, stability: float = 0.0):
+                 weight: float = 1.0, stability: float = 0.0, margin_on: str = "all"):
         if name not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+        if margin_on not in MARGIN_ON:
+            raise ValueError(f"margin_on must be one of {', '.join(MARGIN_ON)}, got {margin_on!r}")
+        self.margin_on = margin_on
         if not (math.isfinite(stability) and stability >= 0):
             raise ValueError(f"stability weight must be >= 0, got {stability}")
         self.stability = float(stability)
@@ -197,6 +212,14 @@ class Objective:
             from .local_surrogate import local_deviation
             seen, self._seen = self._seen, None   # one loss per recorded forward; frees the activations
             e = local_deviation(model, seen, eps, self.power.sigma)
+        if self.margin_on == "correct":
+            z, y = logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)
+            ce_t = F.cross_entropy(z, y, reduction="none")
+            margin_t = bottom_logit_loss(logits, targets, model.head.weight, e, reduction="none")
+            margin = torch.where(z.detach().argmax(-1) == y, margin_t, ce_t).mean()
+            if self.weight == 1.0:
+                return margin
+            return (1 - self.weight) * ce_t.mean() + self.weight * margin
         margin = bottom_logit_loss(logits, targets, model.head.weight, e)
         if self.weight == 1.0:
             return margin
@@ -204,4 +227,4 @@ class Objective:
         return (1 - self.weight) * ce + self.weight * margin
 
 
-__all__ = ["OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "pair_instability"]
+__all__ = ["MARGIN_ON", "OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "pair_instability"]

@@ -60,6 +60,7 @@ class TrainConfig:
     eps: float = 0.0                    # training radius ε_train of the margin objectives (max-rms of inputs_embeds)
     eps_warmup: int = 0                 # ramp ε_train linearly from 0 over this many steps (0: full ε from step 0)
     margin_weight: float = 1.0          # loss = (1 − w)·CE + w·(margin loss) for the margin objectives
+    margin_on: str = "all"              # "all" | "correct": the margin loss only where the clean prediction is right
     stability: float = 0.0              # weight of the maxmin pair-stability term (training/objectives.py; 0: off)
     init_from: str | None = None        # a saved model folder (e.g. OUT/final) whose weights start the run
                                         # (fine-tuning: fresh optimizer and schedule; --resume takes precedence)
@@ -147,7 +148,9 @@ def _check_train(t: TrainConfig) -> None:
         raise RecipeError(f"[train] parallel must be ddp or fsdp, got {t.parallel!r}")
     _check_optimizer_args(t)
     _check_allocation(t)
-    from .objectives import OBJECTIVES
+    from .objectives import MARGIN_ON, OBJECTIVES
+    if t.margin_on not in MARGIN_ON:
+        raise RecipeError(f"[train] margin_on must be one of {', '.join(MARGIN_ON)}, got {t.margin_on!r}")
     if t.objective not in OBJECTIVES:
         raise RecipeError(f"[train] objective must be one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
     if not t.eps >= 0:

@@ -243,7 +243,8 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     optimizer, scheduler = build_optimizer_for(model, t)
     project = SpectralProjection(model, optimizer)
     objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
-                                                                  weight=t.margin_weight, stability=t.stability)
+                                                                  weight=t.margin_weight, stability=t.stability,
+                                                                  margin_on=t.margin_on)
     if state is not None:
         par.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
