@@ -194,9 +194,30 @@ def open_model_and_split(a):
     return model, model.bounds(), val
 
 
+def draw_sample(a, model, val):
+    """(inputs, targets, chosen, population): the population's sequences (S, T), and the bool mask
+    (S, T) of the a.sample positions drawn uniformly from it without replacement (seed a.seed)."""
+    from lipformer.training.data.dataset import TokenDataset
+
+    val.reset()
+    if a.batches == 0:   # every full window of one in-order pass over the split's files
+        val = TokenDataset(val.files, 1, val.seq_len, shuffle=False, vocab_size=model.config.vocab_size)
+        population = f"every full {val.seq_len}-token window of the val split, in order"
+    else:
+        population = f"the first {a.batches} val batches (random windows, the preset's seed)"
+    rows = [val.next_batch() for _ in range(a.batches or val.batches_per_epoch)]
+    x, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    S, T = x.shape
+    if a.sample > S * T:
+        raise Refused(f"--sample {a.sample} is more than the {S * T} positions of {population}")
+    pick = torch.randperm(S * T, generator=torch.Generator().manual_seed(a.seed))[:a.sample]
+    chosen = torch.zeros(S * T, dtype=torch.bool)
+    chosen[pick] = True
+    return x, y, chosen.reshape(S, T), population
+
+
 def certify_val(a, eps: list[float]) -> dict:
     from lipformer import certify
-    from lipformer.training.data.dataset import TokenDataset
 
     torch.set_num_threads(a.threads)
     model, bounds, val = open_model_and_split(a)
@@ -218,20 +239,8 @@ def certify_val(a, eps: list[float]) -> dict:
         if a.attack:     # no certificate can certify more than the attack leaves standing
             out["robust_upper"] = {f"{e:g}": (correct - c["flipped"]) / total for e, c in counts.items()}
     else:
-        if a.batches == 0:   # every full window of one in-order pass over the split's files
-            val = TokenDataset(val.files, 1, val.seq_len, shuffle=False, vocab_size=model.config.vocab_size)
-            population = f"every full {val.seq_len}-token window of the val split, in order"
-        else:
-            population = f"the first {a.batches} val batches (random windows, the preset's seed)"
-        rows = [val.next_batch() for _ in range(a.batches or val.batches_per_epoch)]
-        x, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        x, y, chosen, population = draw_sample(a, model, val)
         S, T = x.shape
-        if a.sample > S * T:
-            raise Refused(f"--sample {a.sample} is more than the {S * T} positions of {population}")
-        pick = torch.randperm(S * T, generator=torch.Generator().manual_seed(a.seed))[:a.sample]
-        chosen = torch.zeros(S * T, dtype=torch.bool)
-        chosen[pick] = True
-        chosen = chosen.reshape(S, T)
         every = {e: torch.zeros(S, T, dtype=torch.bool) for e in eps}   # the global certificate, every position
         right_all = 0
         with torch.no_grad():

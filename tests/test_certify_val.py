@@ -153,3 +153,38 @@ def test_a_split_whose_ids_mean_other_characters_is_refused(saved, corpus, capsy
         assert load_script().main([str(folder), *data(corpus), "--sequences", "1", "--eps", "0.01"]) == code
         if code:
             assert "not the one saved with the model" in capsys.readouterr().err
+
+
+def load_slack():
+    spec = importlib.util.spec_from_file_location("relaxation_slack", ROOT / "scripts" / "relaxation_slack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relaxation_slack_analyses_exactly_the_positions_the_relaxation_fails(saved, corpus, capsys):
+    """scripts/relaxation_slack.py: every analysed position is correct, sampled, and lost by the plain
+    relaxation (its worst class's bound ≤ 0), the refined bounds are the library's, and the summary
+    counts its rows. Control: at a radius 100× smaller nothing fails, so nothing is analysed."""
+    args = [saved, *data(corpus), "--sample", 200, "--batches", 0, "--limit", 3, "--refine", "8",
+            "--freeze-last", "1,100"]
+    assert load_slack().main([str(a) for a in args + ["--eps", "0.05"]]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    rows, summary = lines[:-1], lines[-1]
+    assert 1 <= len(rows) == summary["analysed"] <= 3
+    for r in rows:
+        assert r["plain"] <= 0 and set(r["refined"]) == {"8"} and set(r["refined_frozen_last"]) == {"1", "100"}
+        assert set(r["frozen"]) == {"0", "1", "all"}
+    assert summary["positive"]["plain"] == 0
+    assert summary["positive"]["refined[8]"] == sum(r["refined"]["8"][0] > 0 for r in rows)
+    assert load_slack().main([str(a) for a in args + ["--eps", "0.0005"]]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["analysed"] == 0
+
+
+@pytest.mark.parametrize("extra, message", [(["--refine", "x"], "comma-separated integers"),
+                                            (["--limit", "0"], "must be positive"),
+                                            (["model.hidden_size=8"], "only data.* overrides")])
+def test_relaxation_slack_refuses_bad_input_in_one_line(saved, corpus, capsys, extra, message):
+    assert load_slack().main([str(saved), *data(corpus), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
