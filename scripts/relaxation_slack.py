@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import certify_val as cv  # noqa: E402  (the sibling script: same model loading, same sample)
 
 
-def frozen(state, blocks, base: dict | None = None) -> dict:
+def frozen(state, blocks) -> dict:
     """Refined-interval dict (docs/lipschitz.md §10d's format) that pins every pair of `blocks` to a
     zero-width interval at its computed value: the pair's order is taken as fixed. NOT sound."""
-    out = dict(base or {})
+    out = {}
     for b in blocks:
         half = state["blocks"][b]["delta"].size(1)
         zero = torch.zeros(state["T"], half, dtype=torch.float64)
