@@ -422,3 +422,26 @@ def test_margin_local_trains_through_the_loop(tmp_path):
     r.train.objective, r.train.eps_warmup = "margin_local", 2
     result = run(r, tmp_path / "run", progress=False, log=lambda *a: None)
     assert "certified_accuracy" in result and math.isfinite(result["lipschitz_total"])
+
+
+def test_distillation_loss_is_tempered_kl_to_the_teacher():
+    """T²·KL(p_teacher,T ‖ p_student,T), averaged over positions; 0 exactly at the teacher."""
+    from lipformer.training.objectives import Distillation, distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    for T in (1.0, 2.0):
+        p = F.softmax(t / T, -1)
+        manual = (p * (F.log_softmax(t / T, -1) - F.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+        assert torch.allclose(distillation_loss(s, t, T), manual, atol=1e-6)
+    assert distillation_loss(t, t).abs() < 1e-6 and distillation_loss(s, t) > 0.1
+    # the mix: β = 0 is the task loss, β = 1 the distillation loss alone; the teacher is frozen
+    teacher = torch.nn.Linear(3, 3)
+    task = torch.tensor(2.5)
+    assert Distillation(teacher, 0.0)(task, s, t) == task
+    assert torch.allclose(Distillation(teacher, 1.0)(task, s, t), distillation_loss(s, t))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="weight"):
+        Distillation(teacher, 1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        Distillation(teacher, 0.5, temperature=0.0)

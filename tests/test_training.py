@@ -97,6 +97,42 @@ def test_init_from_starts_at_the_saved_weights(corpus, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_distillation_pulls_the_student_toward_its_teacher(corpus, tmp_path):
+    """train.distill_from: with β = 1 the student is fitted to the teacher's distribution, so it ends
+    closer to the teacher (in KL, on text neither saw as a batch) than the same run without the
+    teacher — the control that fails if the teacher never reaches the loss. A teacher that cannot read
+    the run's sequences is refused before anything is written."""
+    import torch.nn.functional as F
+
+    from lipformer import LipformerForCausalLM
+
+    import numpy as np
+
+    quiet = dict(progress=False, log=lambda *a: None)
+    teacher_dir = tmp_path / "teacher" / "final"
+    run(recipe(corpus, "train.max_steps=40", "train.checkpoint_every=0", "train.eval_every=0"),
+        tmp_path / "teacher", **quiet)
+    plain = ["train.max_steps=15", "train.checkpoint_every=0", "train.eval_every=0", "train.seed=3"]
+    run(recipe(corpus, *plain), tmp_path / "plain", **quiet)
+    run(recipe(corpus, *plain, f"train.distill_from={teacher_dir}", "train.distill_weight=1"),
+        tmp_path / "distilled", **quiet)
+    teacher = LipformerForCausalLM.from_pretrained(teacher_dir)
+    val = np.fromfile(os.path.join(corpus, "val.bin"), dtype=np.uint16).astype(np.int64)
+    ids = torch.from_numpy(val[: 4 * 32]).view(4, 32)
+
+    def kl(folder):
+        with torch.no_grad():
+            s = LipformerForCausalLM.from_pretrained(folder)(ids).logits
+            t = teacher(ids).logits
+        return float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean"))
+
+    assert kl(tmp_path / "distilled" / "final") < 0.85 * kl(tmp_path / "plain" / "final")
+    with pytest.raises(RecipeError, match="reads at most 32 positions"):
+        run(recipe(corpus, "model.max_position_embeddings=64", f"train.distill_from={teacher_dir}"),
+            tmp_path / "long", **quiet)
+    assert not (tmp_path / "long").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     from lipformer.training.train import TrainingStopped
     r = recipe(corpus, "train.optimizer=adamw", "train.lr=1e30", "train.schedule=constant")
@@ -139,6 +175,9 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(corpus, tmp_p
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "data.dataset=char_dir", "data.path={tmp}/none"], "{tmp}/none"),
     (["train", "--out", "{tmp}/a"], "one of the arguments --preset --config is required"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.init_from={tmp}/none"], "init_from must be a saved model"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.distill_from={tmp}/none"], "distill_from must be a saved model"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.distill_weight=2"], "distill_weight must be in [0, 1]"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.distill_temperature=0"], "distill_temperature must be > 0"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer_args.foo=1"], "['foo'] are not options of 'muon'"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer=alto", "train.optimizer_args.preset=huge"],
      "unknown preset 'huge'"),

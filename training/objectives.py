@@ -143,6 +143,40 @@ def bottom_logit_loss(logits: Tensor, targets: Tensor, head_weight: Tensor, devi
     return F.cross_entropy(z + dist[y] * e, y, reduction=reduction)
 
 
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)), the mean over positions (Hinton et al. 2015; the T² keeps
+    the gradient's scale independent of T). Zero exactly when the student's distribution is the teacher's."""
+    V = student_logits.size(-1)
+    s = F.log_softmax(student_logits.float().reshape(-1, V) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, V) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+class Distillation:
+    """(1 − β)·task_loss + β·distillation_loss against a frozen teacher run on the same batch.
+
+    The teacher is any causal LM over the same vocabulary; it is run without gradient, in eval mode,
+    under the caller's autocast. It shapes the training signal only: the student's certificate is
+    computed from the student's weights alone, so a teacher with no bound at all is fine.
+    """
+
+    def __init__(self, teacher, weight: float = 0.5, temperature: float = 1.0):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"distillation weight must be in [0, 1], got {weight}")
+        if not temperature > 0:
+            raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weight, self.temperature = float(weight), float(temperature)
+
+    @torch.no_grad()
+    def teacher_logits(self, input_ids: Tensor) -> Tensor:
+        return self.teacher(input_ids, use_cache=False).logits
+
+    def __call__(self, task_loss: Tensor, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        kd = distillation_loss(student_logits, teacher_logits, self.temperature)
+        return (1 - self.weight) * task_loss + self.weight * kd
+
+
 MARGIN_ON = ("all", "correct")
 
 
@@ -227,4 +261,5 @@ class Objective:
         return (1 - self.weight) * ce + self.weight * margin
 
 
-__all__ = ["MARGIN_ON", "OBJECTIVES", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "pair_instability"]
+__all__ = ["MARGIN_ON", "OBJECTIVES", "Distillation", "Objective", "PowerSigma", "body_lipschitz", "bottom_logit_loss", "distillation_loss",
+           "pair_instability"]

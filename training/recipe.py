@@ -64,6 +64,10 @@ class TrainConfig:
     stability: float = 0.0              # weight of the maxmin pair-stability term (training/objectives.py; 0: off)
     init_from: str | None = None        # a saved model folder (e.g. OUT/final) whose weights start the run
                                         # (fine-tuning: fresh optimizer and schedule; --resume takes precedence)
+    distill_from: str | None = None     # a saved model folder (any size, same vocabulary): its next-token
+                                        # distribution becomes a soft target (knowledge distillation)
+    distill_weight: float = 0.5         # loss = (1 − β)·(the objective's loss) + β·T²·KL(teacher_T ‖ student_T)
+    distill_temperature: float = 1.0    # T: both distributions are softened by it (Hinton et al. 2015)
 
 
 @dataclass
@@ -166,6 +170,13 @@ def _check_train(t: TrainConfig) -> None:
                           "set train.objective = \"margin_global\"")
     if t.init_from is not None and not (Path(str(t.init_from)) / "config.json").is_file():
         raise RecipeError(f"[train] init_from must be a saved model folder (with config.json), got {t.init_from!r}")
+    if t.distill_from is not None and not (Path(str(t.distill_from)) / "config.json").is_file():
+        raise RecipeError(f"[train] distill_from must be a saved model folder (with config.json), got {t.distill_from!r}")
+    if not (isinstance(t.distill_weight, (int, float)) and 0 <= t.distill_weight <= 1):
+        raise RecipeError(f"[train] distill_weight must be in [0, 1], got {t.distill_weight!r}")
+    if not (isinstance(t.distill_temperature, (int, float)) and math.isfinite(t.distill_temperature)
+            and t.distill_temperature > 0):
+        raise RecipeError(f"[train] distill_temperature must be > 0, got {t.distill_temperature!r}")
     radii = t.certify_radii
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in radii):
         raise RecipeError(f"[train] certify_radii must be a list of positive numbers, got {radii!r}")

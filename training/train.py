@@ -41,7 +41,7 @@ from .checkpoint import STATE_NAME, find_checkpoint, prepare_output, read_metric
 from .distributed import info as _dist_info
 from .distributed import on_main
 from .evaluation import autocast, certified_accuracy, evaluate
-from .objectives import Objective
+from .objectives import Distillation, Objective
 from .parallel import Parallel
 from .plots import plot_metrics
 from .recipe import RecipeError, RunConfig, allocation_of
@@ -146,10 +146,11 @@ def build_optimizer_for(model, t):
 
 
 def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step: int, out: Path,
-               objective: Objective | None = None) -> float:
+               objective: Objective | None = None, distill: Distillation | None = None) -> float:
     """One optimizer step over `t.grad_accum` micro-batches, then (POET merge and) the projection.
 
-    `objective` is the training loss (training/objectives.py; None: cross-entropy).
+    `objective` is the training loss (training/objectives.py; None: cross-entropy); `distill` mixes
+    it with the distillation loss against a teacher run on the same micro-batch.
 
     Returns the global batch's mean loss; a non-finite loss stops training before the step.
     """
@@ -165,6 +166,10 @@ def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step
                 with objective.recording(par.model), autocast(t.dtype, par.device):
                     logits = par.forward(x, use_cache=False).logits
                 loss = objective(par.model, logits, y, step)
+            if distill is not None:
+                with autocast(t.dtype, par.device):
+                    teacher_logits = distill.teacher_logits(x)
+                loss = distill(loss, logits, teacher_logits)
             (loss / t.grad_accum).backward()
         loss_sum += float(loss.detach()) / t.grad_accum
     loss_sum = par.mean(loss_sum)
@@ -216,6 +221,7 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         raise RecipeError(f"invalid [model]: {str(exc).strip().splitlines()[-1].strip()}") from exc
     # train.init_from (unless resuming): its model must be the recipe's, checked before any write
     source = _initial_weights(config, t.init_from) if checkpoint is None and t.init_from else None
+    teacher = _teacher(t.distill_from, config) if t.distill_from is not None else None
     # only now, with the recipe and data known good, touch the output folder (rank 0; the others
     # wait, and raise its error, so no rank reads the folder before it is ready)
     on_main(prepare_output, out, run, checkpoint is not None, overwrite and checkpoint is None)
@@ -245,6 +251,7 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
                                                                   weight=t.margin_weight, stability=t.stability,
                                                                   margin_on=t.margin_on)
+    distill = None if teacher is None else Distillation(teacher.to(device), t.distill_weight, t.distill_temperature)
     if state is not None:
         par.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -280,7 +287,7 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
                 if hasattr(steps, "close"):
                     steps.close()
                 raise Interrupted(step, signals[0] if signals else signal.SIGTERM)
-            loss = train_step(par, train_data, optimizer, scheduler, project, t, step, out, objective)
+            loss = train_step(par, train_data, optimizer, scheduler, project, t, step, out, objective, distill)
             done = step + 1
             record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "tokens": done * tokens_per_step, "elapsed": time.time() - t0}
@@ -322,6 +329,19 @@ def _initial_weights(config, folder):
         raise RecipeError(f"train.init_from {folder}: its model differs from the recipe's [model] in "
                           + ", ".join(f"{k} ({theirs.get(k)!r} vs {mine.get(k)!r})" for k in differ))
     return src
+
+
+def _teacher(folder, config):
+    """train.distill_from: the frozen teacher. It must predict over the run's vocabulary and read
+    sequences as long as the run's."""
+    teacher = LipformerForCausalLM.from_pretrained(folder)
+    if teacher.config.vocab_size != config.vocab_size:
+        raise RecipeError(f"train.distill_from {folder}: its vocabulary has {teacher.config.vocab_size} tokens, "
+                          f"the run's data {config.vocab_size}")
+    if teacher.config.max_position_embeddings < config.max_position_embeddings:
+        raise RecipeError(f"train.distill_from {folder}: it reads at most {teacher.config.max_position_embeddings} "
+                          f"positions, the run's sequences have {config.max_position_embeddings}")
+    return teacher
 
 
 # config.to_dict() keys that name a save, not a model
