@@ -102,11 +102,10 @@ def test_distillation_pulls_the_student_toward_its_teacher(corpus, tmp_path):
     closer to the teacher (in KL, on text neither saw as a batch) than the same run without the
     teacher — the control that fails if the teacher never reaches the loss. A teacher that cannot read
     the run's sequences is refused before anything is written."""
+    import numpy as np
     import torch.nn.functional as F
 
     from lipformer import LipformerForCausalLM
-
-    import numpy as np
 
     quiet = dict(progress=False, log=lambda *a: None)
     teacher_dir = tmp_path / "teacher" / "final"
