@@ -97,6 +97,45 @@ def test_init_from_starts_at_the_saved_weights(corpus, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_weight_average_is_the_ema_of_the_steps_and_resumes_bit_identically(corpus, tmp_path):
+    """train.ema_decay: OUT/final is e ← d·e + (1 − d)·w over the weights after steps ema_start + 1 …
+    max_steps (each read from a checkpoint of a run stopped there), OUT/checkpoint keeps the last
+    step's, a run split by --resume ends bit-identical to a straight one, and every capped matrix of
+    the average is no larger than the largest of the weights averaged (the caps are convex sets)."""
+    from lipformer import LipformerForCausalLM
+    from lipformer.modeling import certificate_status
+    from lipformer.nn import constrained_modules
+
+    quiet = dict(progress=False, log=lambda *a: None)
+    r = recipe(corpus, "train.ema_decay=0.6", "train.ema_start=8", "train.checkpoint_every=0")
+    run(r, tmp_path / "straight", **quiet)
+    steps = {}
+    for k in (1, 8, 9, 10, 11, 12):  # stopped (and checkpointed) after each step of the average
+        run(r, tmp_path / "split", max_steps=k, resume=k > 1, **quiet)
+        steps[k] = weights(find_checkpoint(tmp_path / "split"))
+    final = weights(tmp_path / "split" / "final")
+    assert all(torch.equal(final[n], v) for n, v in weights(tmp_path / "straight" / "final").items())
+    expected = dict(steps[9])
+    for k in (10, 11, 12):
+        expected = {n: torch.lerp(e, steps[k][n], 0.4) for n, e in expected.items()}
+    for n, e in expected.items():
+        assert torch.allclose(final[n], e, rtol=0, atol=1e-6), n
+    # control: the average is not the last step's weights (nor the first averaged step's)
+    matrices = [n for n in final if final[n].dim() == 2]
+    assert max(float((final[n] - steps[12][n]).abs().max()) for n in matrices) > 1e-4
+    assert max(float((final[n] - steps[9][n]).abs().max()) for n in matrices) > 1e-4
+    assert certificate_status(tmp_path / "split" / "final")[0] == "ok"
+    model = LipformerForCausalLM.from_pretrained(tmp_path / "split" / "final")
+    for name, module in constrained_modules(model):
+        if hasattr(module, "sigma_cap"):
+            key = f"{name}.weight"
+            largest = max(float(torch.linalg.matrix_norm(steps[k][key].double(), 2)) for k in (9, 10, 11, 12))
+            assert float(torch.linalg.matrix_norm(module.weight.detach().double(), 2)) <= largest + 1e-6, name
+    rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    evals = {row["step"]: row for row in rows if "val_acc" in row}
+    assert "ema_val_acc" not in evals[6] and 0 < evals[12]["ema_val_acc"] <= 1
+
+
 def test_distillation_pulls_the_student_toward_its_teacher(corpus, tmp_path):
     """train.distill_from: with β = 1 the student is fitted to the teacher's distribution, so it ends
     closer to the teacher (in KL, on text neither saw as a batch) than the same run without the
@@ -177,6 +216,9 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(corpus, tmp_p
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.distill_from={tmp}/none"], "distill_from must be a saved model"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.distill_weight=2"], "distill_weight must be in [0, 1]"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.distill_temperature=0"], "distill_temperature must be > 0"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.ema_decay=1"], "ema_decay must be in [0, 1)"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.ema_decay=0.9", "train.ema_start=20"],
+     "ema_start (20) must be below max_steps"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer_args.foo=1"], "['foo'] are not options of 'muon'"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer=alto", "train.optimizer_args.preset=huge"],
      "unknown preset 'huge'"),

@@ -20,11 +20,13 @@ from .recipe import RecipeError, RunConfig
 STATE_NAME = "trainer_state.pt"
 
 
-def save_checkpoint(out: Path, model, tokenizer, optimizer_state: dict, scheduler, train_data, step: int) -> None:
+def save_checkpoint(out: Path, model, tokenizer, optimizer_state: dict, scheduler, train_data, step: int,
+                    extra: dict | None = None) -> None:
     """Write OUT/checkpoint atomically: build a temp folder, then swap it in by renames.
 
     A crash at any point leaves either the old or the new checkpoint complete (`checkpoint.old`
-    is kept until the new one is in place; `find_checkpoint` falls back to it).
+    is kept until the new one is in place; `find_checkpoint` falls back to it). `extra` (e.g. the
+    weight average's state) goes into trainer_state.pt beside the optimizer's.
     """
     tmp = out / f".checkpoint-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -32,7 +34,8 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer_state: dict, schedule
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "data": train_data.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / STATE_NAME)
+                    "data": train_data.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})},
+                   tmp / STATE_NAME)
         _fsync_dir(tmp)
     except BaseException:  # e.g. disk full: the previous checkpoint is untouched, drop the partial one
         shutil.rmtree(tmp, ignore_errors=True)

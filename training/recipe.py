@@ -68,6 +68,9 @@ class TrainConfig:
                                         # distribution becomes a soft target (knowledge distillation)
     distill_weight: float = 0.5         # loss = (1 − β)·(the objective's loss) + β·T²·KL(teacher_T ‖ student_T)
     distill_temperature: float = 1.0    # T: both distributions are softened by it (Hinton et al. 2015)
+    ema_decay: float = 0.0              # > 0: OUT/final holds an exponential moving average of the weights
+                                        # (torch.optim.swa_utils), not the last step's; 0: off
+    ema_start: int = 0                  # the average starts from the weights after step ema_start + 1
 
 
 @dataclass
@@ -177,6 +180,16 @@ def _check_train(t: TrainConfig) -> None:
     if not (isinstance(t.distill_temperature, (int, float)) and math.isfinite(t.distill_temperature)
             and t.distill_temperature > 0):
         raise RecipeError(f"[train] distill_temperature must be > 0, got {t.distill_temperature!r}")
+    if not (isinstance(t.ema_decay, (int, float)) and 0 <= t.ema_decay < 1):
+        raise RecipeError(f"[train] ema_decay must be in [0, 1) (0: off), got {t.ema_decay!r}")
+    if not t.ema_start >= 0:
+        raise RecipeError(f"[train] ema_start must be >= 0, got {t.ema_start!r}")
+    if t.ema_decay and t.ema_start >= t.max_steps:
+        raise RecipeError(f"[train] ema_start ({t.ema_start}) must be below max_steps ({t.max_steps}): "
+                          "nothing would be averaged")
+    if t.ema_decay and t.parallel == "fsdp":
+        raise RecipeError("[train] ema_decay is not supported with parallel = \"fsdp\" (the average would need "
+                          "the sharded weights gathered every step); use parallel = \"ddp\"")
     radii = t.certify_radii
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in radii):
         raise RecipeError(f"[train] certify_radii must be a list of positive numbers, got {radii!r}")

@@ -8,6 +8,7 @@ Output folder:
     metrics.jsonl       one JSON line per log/eval step
     checkpoint/         HF folder (weights, config, tokenizer, certificate) + trainer_state.pt
     final/              the final model, tokenizer, certificate.json, certified_accuracy.json
+                        (with train.ema_decay: the weight average; checkpoint/ keeps the last step's)
     metrics.png         loss / accuracy curves
 
 The pieces read separately: `train_step` (one optimizer step), `evaluation` (val metrics and
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lipformer import LipformerConfig, LipformerForCausalLM
 from lipformer.constraints import SpectralProjection
@@ -185,8 +187,9 @@ def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step
     return loss_sum
 
 
-def eval_record(par: Parallel, val_data, t) -> dict:
-    """Val loss/accuracy, the certified bound of the current weights and activation maxima."""
+def eval_record(par: Parallel, val_data, t, ema: AveragedModel | None = None) -> dict:
+    """Val loss/accuracy, the certified bound of the current weights and activation maxima; with a
+    weight average that has started, its val loss/accuracy too (`ema_val_loss`, `ema_val_acc`)."""
     bounds = par.bounds()
     monitor = ActivationMonitor(par.model, policy="warn", bounds=bounds)  # records during eval
     record = evaluate(par.model, val_data, t.eval_batches, t.dtype, par.device)
@@ -194,6 +197,10 @@ def eval_record(par: Parallel, val_data, t) -> dict:
     record.update({"lipschitz_total": bounds.total, "lipschitz_body": bounds.body,
                    "activations": {k: v for k, v in monitor.stats.items() if "attn" not in k}})
     par.reduce_eval(record)
+    if ema is not None and int(ema.n_averaged) > 0:
+        averaged = evaluate(ema.module, val_data, t.eval_batches, t.dtype, par.device)
+        par.reduce_eval(averaged)
+        record.update({"ema_val_loss": averaged["val_loss"], "ema_val_acc": averaged["val_acc"]})
     return record
 
 
@@ -252,11 +259,17 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
                                                                   weight=t.margin_weight, stability=t.stability,
                                                                   margin_on=t.margin_on)
     distill = None if teacher is None else Distillation(teacher.to(device), t.distill_weight, t.distill_temperature)
+    # the average of projected weights needs no projection of its own: every cap is a norm bound,
+    # a convex set, so an average of points inside it stays inside (the certificate is computed
+    # from the averaged tensors themselves in any case)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay)) if t.ema_decay else None
     if state is not None:
         par.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         train_data.load_state_dict(state["data"])
         torch.set_rng_state(state["torch_rng"])
+        if ema is not None:  # run.json already refused a resume with another recipe
+            ema.load_state_dict(state["ema"])
         if par.main:
             log(f"resumed from {checkpoint} at step {start}")
     del state
@@ -265,7 +278,8 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         """Rank 0 writes OUT/checkpoint; returns the plain model it saved (None on other ranks)."""
         plain, optimizer_state = par.checkpoint_state(optimizer)
         if par.main:
-            save_checkpoint(out, plain, tokenizer, optimizer_state, scheduler, train_data, step)
+            save_checkpoint(out, plain, tokenizer, optimizer_state, scheduler, train_data, step,
+                            extra=None if ema is None else {"ema": ema.state_dict()})
         return plain
 
     stop = min(t.max_steps, max_steps) if max_steps is not None else t.max_steps
@@ -289,13 +303,15 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
                 raise Interrupted(step, signals[0] if signals else signal.SIGTERM)
             loss = train_step(par, train_data, optimizer, scheduler, project, t, step, out, objective, distill)
             done = step + 1
+            if ema is not None and done > t.ema_start:
+                ema.update_parameters(model)  # the first update copies the weights after step ema_start + 1
             record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "tokens": done * tokens_per_step, "elapsed": time.time() - t0}
             if step == start and par.main:
                 _warn_if_slow_on_cpu(model, device, tokens_per_step, log, measured=time.time() - t0,
                                      remaining=stop - done)
             if t.eval_every and (done % t.eval_every == 0 or done == stop):
-                record.update(eval_record(par, val_data, t))
+                record.update(eval_record(par, val_data, t, ema))
             if par.main and (done % t.log_every == 0 or "val_loss" in record or done == stop):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -312,7 +328,10 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
         # certified accuracy on the global val batch (rank 0's rows alone would be a subset)
         final_val = val_data if par.world == 1 else D.TokenDataset(
             val_data.files, t.batch_size * par.world, val_data.seq_len, seed=val_data.seed, shuffle=val_data.shuffle)
-        result.update(_finish(out, plain, tokenizer, final_val, t, reference=_bigram_reference(train_data, val_data, vocab)))
+        # OUT/checkpoint keeps the last step's weights (training resumes from them); OUT/final is the average
+        final_model = plain if ema is None else ema.module
+        result.update(_finish(out, final_model, tokenizer, final_val, t,
+                              reference=_bigram_reference(train_data, val_data, vocab)))
     if par.world > 1:  # rank 0's result on every rank, once its files are written
         result = on_main(lambda: result)
     return result
