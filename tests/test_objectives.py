@@ -157,6 +157,7 @@ def test_pair_instability_is_the_share_of_reach_a_pair_lacks():
     model = model_off_caps(activation="maxmin", softmax_scale=0.0, position_bias=4)
     x = torch.randn(2, 8, 32, dtype=torch.float64)
     inputs = [x, 0.5 * x]
+    preacts = [xi @ layer.mlp.fc_in.weight.T for xi, layer in zip(inputs, model.model.layers)]
     reach = []
     body_lipschitz(model, exact_sigma, reach)
     want = 0.0
@@ -166,14 +167,40 @@ def test_pair_instability_is_the_share_of_reach_a_pair_lacks():
         z = xi @ W.T
         r = (W[:h] - W[h:]).norm(dim=-1) * math.sqrt(32) * 0.01 * L
         want = want + torch.clamp(1 - (z[..., :h] - z[..., h:]).abs() / r, min=0).mean()
-    got = pair_instability(model, inputs, 0.01, exact_sigma)
+    got = pair_instability(model, preacts, 0.01, exact_sigma, position_stride=1)
     assert torch.allclose(got, want / 2) and 0 < float(got) < 1
-    assert float(pair_instability(model, inputs, 1e-12, exact_sigma)) == 0.0
+    assert float(pair_instability(model, preacts, 1e-12, exact_sigma)) == 0.0
+    strided = [p[:, ::4] for p in preacts]   # the default takes every 4th position of an 8-long window
+    assert torch.allclose(pair_instability(model, preacts, 0.01, exact_sigma), pair_instability(model, strided, 0.01, exact_sigma, position_stride=1))
     with torch.no_grad():   # a tied pair: unit 0 and unit h of the first block read the same row
         W = model.model.layers[0].mlp.fc_in.weight
         W[W.size(0) // 2] = W[0]
-    tied = pair_instability(model, [x[:, :1, :]] * 2, 0.01, exact_sigma)
+    z0 = x[:, :1, :] @ W.T
+    tied = pair_instability(model, [z0, z0], 0.01, exact_sigma)
     assert float(tied) >= 0.5 / W.size(0)   # that pair contributes 1 to the first block's mean
+
+
+def test_stability_term_reads_the_forwards_own_preactivations():
+    """The objective's stability term is pair_instability of fc_in applied to each MLP's input in the
+    same forward (recorded by hooks, not recomputed), and its gradient reaches fc_in's weight through
+    that forward. Control: the same objective without the term differs by exactly that amount."""
+    from lipformer.local_certify import recording
+
+    model = model_off_caps(activation="maxmin", softmax_scale=0.0, position_bias=4)
+    ids = torch.randint(0, 24, (2, 8))
+    with_term, without = Objective("margin_global", 0.05, stability=1.0), Objective("margin_global", 0.05)
+    with with_term.recording(model), recording(model) as seen:
+        logits = model(ids).logits
+    loss = with_term(model, logits, ids)
+    base = without(model, logits, ids)
+    preacts = [layer.mlp.fc_in(m[0]) for m, layer in zip(seen.mlp, model.model.layers)]
+    term = pair_instability(model, preacts, 0.05, with_term.power.sigma)
+    assert float(term) > 0
+    assert torch.allclose(loss, base + term)
+    W = model.model.layers[0].mlp.fc_in.weight
+    g_with, = torch.autograd.grad(loss, W, retain_graph=True)
+    g_without, = torch.autograd.grad(base, W)
+    assert not torch.allclose(g_with, g_without)
 
 
 def test_stability_needs_a_margin_objective_and_maxmin(tmp_path):
