@@ -229,7 +229,6 @@ class Objective:
         if self.name != "margin_local" and not self.stability:
             yield
             return
-        from .local_surrogate import recording
         preacts = [None] * len(model.model.layers)
 
         def grab(i):
@@ -240,12 +239,17 @@ class Objective:
         hooks = [layer.mlp.fc_in.register_forward_hook(grab(i)) for i, layer in enumerate(model.model.layers)] \
             if self.stability else []
         try:
-            with recording(model) as seen:
+            if self.name == "margin_local":
+                from .local_surrogate import recording
+                with recording(model) as seen:
+                    yield
+                self._seen = seen
+            else:
                 yield
         finally:
             for h in hooks:
                 h.remove()
-        self._seen, self._preacts = seen, preacts
+        self._preacts = preacts if self.stability else None
 
     def __call__(self, model, logits: Tensor, targets: Tensor, step: int | None = None) -> Tensor:
         eps = self.eps_at(step)
@@ -256,8 +260,6 @@ class Objective:
             if model.config.activation != "maxmin":
                 raise ValueError("train.stability needs model.activation = 'maxmin' (it acts on maxmin's pairs)")
             preacts, self._preacts = self._preacts, None
-            if self.name != "margin_local":
-                self._seen = None
             extra = self.stability * pair_instability(model, preacts, eps, self.power.sigma)
         return self._loss(model, logits, targets, eps) + extra
 
