@@ -67,6 +67,39 @@ def test_optimizer_args_reach_the_optimizer(corpus, tmp_path, monkeypatch):
     assert seen["preset"] == "small_batch"
 
 
+def test_ns_dtype_by_name_and_the_float32_default_on_a_cpu_without_native_bf16(corpus, monkeypatch):
+    """A recipe names the Newton–Schulz dtype ("float32"); unnamed, it is bf16 (torch.optim.Muon's
+    default) where the CPU has native bf16 and float32 where bf16 would be emulated."""
+    import lipformer.training.train as train_module
+    from lipformer import LipformerConfig, LipformerForCausalLM
+
+    def ns_dtypes(*overrides, native):
+        monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native)
+        r = recipe(corpus, *overrides)
+        model = LipformerForCausalLM(LipformerConfig(**{**r.model, "vocab_size": 40}))
+        optimizer, _ = train_module.build_optimizer_for(model, r.train)
+        return {g["ns_dtype"] for g in optimizer.param_groups if "ns_dtype" in g}
+
+    assert ns_dtypes(native=True) == {torch.bfloat16}
+    assert ns_dtypes(native=False) == {torch.float32}
+    assert ns_dtypes("train.optimizer_args.ns_dtype=bfloat16", native=False) == {torch.bfloat16}  # named: kept
+    assert ns_dtypes("train.optimizer_args.ns_dtype=float32", native=True) == {torch.float32}
+    assert ns_dtypes("train.optimizer_args.ns_dtype=none", native=True) == {None}
+    assert ns_dtypes("train.optimizer=adamw", native=False) == set()  # no Newton–Schulz: nothing added
+
+
+def test_bf16_autocast_on_a_cpu_without_native_bf16_warns_with_the_fix(monkeypatch):
+    import lipformer.training.train as train_module
+    said = []
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    train_module._warn_if_bf16_is_emulated("bfloat16", torch.device("cpu"), said.append)
+    train_module._warn_if_bf16_is_emulated("float32", torch.device("cpu"), said.append)  # float32: nothing
+    train_module._warn_if_bf16_is_emulated("bfloat16", torch.device("cuda"), said.append)  # a GPU: nothing
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    train_module._warn_if_bf16_is_emulated("bfloat16", torch.device("cpu"), said.append)  # native: nothing
+    assert len(said) == 1 and "no native bf16" in said[0] and "train.dtype=float32" in said[0]
+
+
 def test_output_folder_of_another_run_is_refused(corpus, tmp_path):
     run(recipe(corpus), tmp_path / "run", max_steps=2, progress=False, log=lambda *a: None)
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
@@ -222,6 +255,8 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(corpus, tmp_p
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer_args.foo=1"], "['foo'] are not options of 'muon'"),
     (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer=alto", "train.optimizer_args.preset=huge"],
      "unknown preset 'huge'"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/a", "train.optimizer_args.ns_dtype=fp32"],
+     "optimizer_args.ns_dtype must be one of float32, bfloat16"),
 ])
 def test_train_cli_bad_input(argv, message, tmp_path, capsys):
     from lipformer.cli import main

@@ -216,6 +216,24 @@ def _check_allocation(t: TrainConfig) -> None:
 
 # set by the trainer from other [train] keys, so not allowed in optimizer_args
 _OWNED_ARGS = {"lr", "weight_decay", "companion", "companion_lr", "params"}
+# optimizer_args that are torch dtypes in the constructor: a recipe names them ("float32"; "none" = the param's)
+_DTYPE_ARGS = {"ns_dtype"}
+_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64", "none")
+
+
+def optimizer_kwargs(t: TrainConfig) -> dict:
+    """`t.optimizer_args` as constructor keywords: dtype names become torch dtypes. A CPU without native
+    bf16 (AVX2 only) runs Newton–Schulz in bf16 several times slower than in float32, so
+    `optimizer_args.ns_dtype = "float32"` is the switch there (docs/benchmarks.md)."""
+    import torch
+
+    kw = dict(t.optimizer_args)
+    for name in _DTYPE_ARGS & set(kw):
+        value = kw[name]
+        if not isinstance(value, str) or value not in _DTYPE_NAMES:
+            raise RecipeError(f"[train] optimizer_args.{name} must be one of {', '.join(_DTYPE_NAMES)}, got {value!r}")
+        kw[name] = None if value == "none" else getattr(torch, value)
+    return kw
 
 
 def _check_optimizer_args(t: TrainConfig) -> None:
@@ -233,8 +251,9 @@ def _check_optimizer_args(t: TrainConfig) -> None:
         raise RecipeError(f"[train] optimizer_args {bad} are not options of {t.optimizer!r}; "
                           f"valid: {', '.join(sorted(accepted))} (lr, weight_decay, companion: set them directly)")
     extra = {"total_steps": t.max_steps} if t.optimizer in ("lpsgd", "lpsgdm") else {}
+    kw = optimizer_kwargs(t)
     try:
-        cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=t.lr, **{**extra, **t.optimizer_args})
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=t.lr, **{**extra, **kw})
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"[train] optimizer_args for {t.optimizer!r}: {' '.join(str(exc).split())}") from None
 

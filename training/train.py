@@ -42,11 +42,11 @@ from . import data as D
 from .checkpoint import STATE_NAME, find_checkpoint, prepare_output, read_metrics, save_checkpoint, trim_metrics
 from .distributed import info as _dist_info
 from .distributed import on_main
-from .evaluation import autocast, certified_accuracy, evaluate
+from .evaluation import autocast, certified_accuracy, cpu_has_native_bf16, evaluate
 from .objectives import Distillation, Objective
 from .parallel import Parallel
 from .plots import plot_metrics
-from .recipe import RecipeError, RunConfig, allocation_of
+from .recipe import RecipeError, RunConfig, allocation_of, optimizer_kwargs
 
 __all__ = ["run", "train_step", "open_data", "lr_lambda", "find_checkpoint", "TrainingStopped", "Interrupted"]
 
@@ -134,9 +134,15 @@ def lr_lambda(t) -> callable:
 
 
 def build_optimizer_for(model, t):
-    """The recipe's optimizer (with its companion for non-matrix parameters) and LR schedule."""
+    """The recipe's optimizer (with its companion for non-matrix parameters) and LR schedule.
+
+    Newton–Schulz runs in bf16 by default (as in torch.optim.Muon); on a CPU without native bf16 that
+    is emulated and several times slower, so there, unless the recipe names `optimizer_args.ns_dtype`,
+    it runs in float32 (a more exact polar factor, same algorithm)."""
     extra = {"total_steps": t.max_steps} if t.optimizer in ("lpsgd", "lpsgdm") else {}  # p anneals over the run
-    extra.update(t.optimizer_args)
+    extra.update(optimizer_kwargs(t))
+    if "ns_dtype" not in extra and _takes_ns_dtype(t.optimizer) and _on_cpu(model) and not cpu_has_native_bf16():
+        extra["ns_dtype"] = torch.float32
     try:
         optimizer = build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                     allocation=allocation_of(t), **extra,
@@ -145,6 +151,17 @@ def build_optimizer_for(model, t):
     except (TypeError, ValueError) as exc:  # a bad value in optimizer_args (names were checked earlier)
         raise RecipeError(f"[train] optimizer {t.optimizer!r}: {' '.join(str(exc).split())}") from None
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+
+
+def _takes_ns_dtype(name: str) -> bool:
+    import inspect
+
+    from lipformer.optim import optimizer_class
+    return "ns_dtype" in inspect.signature(optimizer_class(name).__init__).parameters
+
+
+def _on_cpu(model) -> bool:
+    return next(model.parameters()).device.type == "cpu"
 
 
 def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step: int, out: Path,
@@ -286,6 +303,7 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     tokens_per_step = t.batch_size * t.grad_accum * par.world * config.max_position_embeddings
     if par.main:
         _warn_if_slow_on_cpu(model, device, tokens_per_step, log)
+        _warn_if_bf16_is_emulated(t.dtype, device, log)
     last = (read_metrics(out / "metrics.jsonl") or [{}])[-1] if par.main else {}
     steps = range(start, stop)
     if progress and par.main:
@@ -406,6 +424,13 @@ def _warn_if_slow_on_cpu(model, device, tokens_per_step: int, log, measured: flo
     else:
         log(f"warning: step 1 took {measured:.0f} s on the CPU; the remaining {remaining} steps would take "
             f"about {measured * remaining / 3600:.1f} h")
+
+
+def _warn_if_bf16_is_emulated(dtype: str, device, log) -> None:
+    if dtype == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log("warning: this CPU has no native bf16 (no AVX512 or AMX), so train.dtype=bfloat16 runs emulated, "
+            "many times slower than float32 (28x per shakespeare-char step on an AVX2 CPU); "
+            "train.dtype=float32 is the fast choice here")
 
 
 def _bigram_reference(train_data, val_data, vocab: int) -> float | None:
