@@ -19,3 +19,19 @@ def add_common_args(parser, root) -> None:
                              "stalls every op; 0 = torch's choice)")
     parser.add_argument("--append", default=str(root / "docs" / "benchmarks.md"), help="markdown file to append to")
     parser.add_argument("--no-append", action="store_true", help="print only")
+
+
+def step_parts(model, t):
+    """What the training loop's `train_step` takes besides the data, built as `lipformer train` builds it:
+    (parallel wrapper, optimizer, scheduler, projection, objective or None)."""
+    from lipformer.constraints import SpectralProjection
+    from training.objectives import Objective
+    from training.parallel import Parallel
+    from training.train import build_optimizer_for
+
+    par = Parallel.for_run(model, t.parallel, torch.device("cpu"), compile=t.compile)
+    optimizer, scheduler = build_optimizer_for(model, t)
+    objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
+                                                              weight=t.margin_weight, stability=t.stability,
+                                                              margin_on=t.margin_on)
+    return par, optimizer, scheduler, SpectralProjection(model, optimizer), objective

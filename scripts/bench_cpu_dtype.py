@@ -33,15 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from _bench import add_common_args, machine  # noqa: E402
+from _bench import add_common_args, machine, step_parts  # noqa: E402
 
 from lipformer import LipformerConfig, LipformerForCausalLM  # noqa: E402
-from lipformer.constraints import SpectralProjection  # noqa: E402
 from training.evaluation import cpu_has_native_bf16  # noqa: E402
-from training.objectives import Objective  # noqa: E402
-from training.parallel import Parallel  # noqa: E402
 from training.recipe import load_recipe  # noqa: E402
-from training.train import build_optimizer_for, open_data, train_step  # noqa: E402
+from training.train import open_data, train_step  # noqa: E402
 
 ROWS = {"bf16": ("bfloat16", "bfloat16"), "bf16, NS32": ("bfloat16", "float32"),
         "float32, NS bf16": ("float32", "bfloat16"), "float32": ("float32", "float32")}
@@ -64,12 +61,7 @@ def step_seconds(preset: str, overrides: list[str], autocast: str, ns: str, warm
     train_data, _, _, vocab = open_data(run)
     torch.manual_seed(t.seed)
     model = LipformerForCausalLM(LipformerConfig(**{**run.model, "vocab_size": vocab})).train()
-    par = Parallel.for_run(model, t.parallel, torch.device("cpu"), compile=t.compile)
-    optimizer, scheduler = build_optimizer_for(model, t)
-    objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
-                                                              weight=t.margin_weight, stability=t.stability,
-                                                              margin_on=t.margin_on)
-    project = SpectralProjection(model, optimizer)
+    par, optimizer, scheduler, project, objective = step_parts(model, t)
     times = []
     with tempfile.TemporaryDirectory() as out:
         for step in range(warmup + repeats):

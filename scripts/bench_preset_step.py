@@ -35,15 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from _bench import add_common_args, machine  # noqa: E402
+from _bench import add_common_args, machine, step_parts  # noqa: E402
 
 import lipformer.nn as lnn  # noqa: E402
 from lipformer import LipformerConfig, LipformerForCausalLM  # noqa: E402
-from lipformer.constraints import SpectralProjection  # noqa: E402
-from training.objectives import Objective  # noqa: E402
-from training.parallel import Parallel  # noqa: E402
 from training.recipe import load_recipe  # noqa: E402
-from training.train import build_optimizer_for, open_data, train_step  # noqa: E402
+from training.train import open_data, train_step  # noqa: E402
 
 
 def reference_maxmin(z):
@@ -87,13 +84,7 @@ def main() -> None:
     base = LipformerForCausalLM(LipformerConfig(**{**run.model, "vocab_size": vocab})).train()
     rows = {}
     for name in ("general", "fast"):
-        model = copy.deepcopy(base)
-        par = Parallel.for_run(model, t.parallel, torch.device("cpu"), compile=t.compile)
-        optimizer, scheduler = build_optimizer_for(model, t)
-        objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
-                                                                      weight=t.margin_weight, stability=t.stability,
-                                                                      margin_on=t.margin_on)
-        rows[name] = (par, optimizer, scheduler, SpectralProjection(model, optimizer), objective)
+        rows[name] = step_parts(copy.deepcopy(base), t)
     times = {name: [] for name in rows}
     with tempfile.TemporaryDirectory() as out:
         def one(name, step):
