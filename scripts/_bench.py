@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the machine line every recorded result carries."""
+"""Shared by the benchmark scripts: the machine line every recorded result carries, their common options,
+and `step_parts` for the scripts that time the training loop's own `train_step`."""
 
 import os
 import platform

@@ -1,7 +1,7 @@
 """A preset's real training step in bf16 and in float32, on this CPU: is bf16 native here?
 
 On a CPU without native bf16 (no AVX512 or AMX: oneDNN says so, `cpu_has_native_bf16`) torch
-emulates bf16 matmuls. Three rows, each the training loop's own `train_step` (the preset's
+emulates bf16 matmuls. Four rows, each the training loop's own `train_step` (the preset's
 objective, optimizer, companion and projection) on the preset's data from the same initial weights:
 
     bf16        train.dtype=bfloat16 autocast, Newton–Schulz in bf16 (what the preset ran before

@@ -88,6 +88,23 @@ def test_ns_dtype_by_name_and_the_float32_default_on_a_cpu_without_native_bf16(c
     assert ns_dtypes("train.optimizer=adamw", native=False) == set()  # no Newton–Schulz: nothing added
 
 
+def test_resume_keeps_this_machines_ns_dtype_not_the_checkpoints(corpus, tmp_path, monkeypatch):
+    """Started where bf16 is native (bf16 Newton–Schulz saved in the optimizer state), resumed where it
+    is emulated: the resumed steps run, and the next checkpoint records, float32."""
+    import lipformer.training.train as train_module
+    from lipformer.training.checkpoint import STATE_NAME
+    said = []
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    run(recipe(corpus), tmp_path / "r", max_steps=4, progress=False, log=said.append)
+    saved = lambda: {g["ns_dtype"] for g in torch.load(find_checkpoint(tmp_path / "r") / STATE_NAME,  # noqa: E731
+                                                       weights_only=True)["optimizer"]["param_groups"]
+                     if "ns_dtype" in g}
+    assert saved() == {torch.bfloat16} and not any("Newton–Schulz runs in float32" in x for x in said)
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    run(recipe(corpus), tmp_path / "r", max_steps=8, resume=True, progress=False, log=said.append)
+    assert saved() == {torch.float32} and any("Newton–Schulz runs in float32" in x for x in said)
+
+
 def test_bf16_autocast_on_a_cpu_without_native_bf16_warns_with_the_fix(monkeypatch):
     import lipformer.training.train as train_module
     said = []

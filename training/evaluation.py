@@ -22,11 +22,11 @@ def autocast(dtype: str, device: torch.device):
 
 def cpu_has_native_bf16() -> bool:
     """Does this CPU run bf16 matmuls natively (oneDNN's check: AVX512 or AMX)? Without, torch emulates
-    them: on a 2-core AVX2 EPYC a bf16 matmul ran 5× slower than float32 and a bf16-autocast
+    them: on a 2-core AVX2 EPYC a bf16 matmul ran 7× slower than float32 and a bf16-autocast
     `shakespeare-char` step 28× slower (docs/benchmarks.md, "bf16 on a CPU without native bf16")."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN: nothing known, assume native
+    except (AttributeError, RuntimeError):  # the private op moved: nothing known, so change nothing
         return True
 
 

@@ -18,6 +18,7 @@ certified accuracy), `checkpoint` (the run folder on disk), `parallel` (single /
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from lipformer import LipformerConfig, LipformerForCausalLM
 from lipformer.constraints import SpectralProjection
 from lipformer.monitor import ActivationMonitor
-from lipformer.optim import build_optimizer
+from lipformer.optim import build_optimizer, optimizer_class
 from lipformer.poet import merge_all
 
 from . import data as D
@@ -138,10 +139,11 @@ def build_optimizer_for(model, t):
 
     Newton–Schulz runs in bf16 by default (as in torch.optim.Muon); on a CPU without native bf16 that
     is emulated and several times slower, so there, unless the recipe names `optimizer_args.ns_dtype`,
-    it runs in float32 (a more exact polar factor, same algorithm)."""
+    it runs in float32 (`ns_float32_by_default`; the same polynomials, more exact, and where it takes
+    fewer flops in their Gram form)."""
     extra = {"total_steps": t.max_steps} if t.optimizer in ("lpsgd", "lpsgdm") else {}  # p anneals over the run
     extra.update(optimizer_kwargs(t))
-    if "ns_dtype" not in extra and _takes_ns_dtype(t.optimizer) and _on_cpu(model) and not cpu_has_native_bf16():
+    if ns_float32_by_default(model, t):
         extra["ns_dtype"] = torch.float32
     try:
         optimizer = build_optimizer(model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
@@ -153,15 +155,12 @@ def build_optimizer_for(model, t):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
 
 
-def _takes_ns_dtype(name: str) -> bool:
-    import inspect
-
-    from lipformer.optim import optimizer_class
-    return "ns_dtype" in inspect.signature(optimizer_class(name).__init__).parameters
-
-
-def _on_cpu(model) -> bool:
-    return next(model.parameters()).device.type == "cpu"
+def ns_float32_by_default(model, t) -> bool:
+    """Does this run's optimizer iterate Newton–Schulz in float32 only because bf16 would be emulated
+    (a Muon-family optimizer on a CPU without native bf16, and no `optimizer_args.ns_dtype`)?"""
+    takes_it = "ns_dtype" in inspect.signature(optimizer_class(t.optimizer).__init__).parameters
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return takes_it and "ns_dtype" not in t.optimizer_args and on_cpu and not cpu_has_native_bf16()
 
 
 def train_step(par: Parallel, train_data, optimizer, scheduler, project, t, step: int, out: Path,
@@ -281,7 +280,13 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     # from the averaged tensors themselves in any case)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay)) if t.ema_decay else None
     if state is not None:
+        # the saved groups bring back their hyperparameters; the Newton–Schulz dtype is how this
+        # machine computes the step, not part of the run's state, so the current choice stays
+        ns_dtypes = [g.get("ns_dtype") for g in optimizer.param_groups]
         par.load_optimizer_state(optimizer, state["optimizer"])
+        for group, ns_dtype in zip(optimizer.param_groups, ns_dtypes):
+            if "ns_dtype" in group:
+                group["ns_dtype"] = ns_dtype
         scheduler.load_state_dict(state["scheduler"])
         train_data.load_state_dict(state["data"])
         torch.set_rng_state(state["torch_rng"])
@@ -304,6 +309,9 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     if par.main:
         _warn_if_slow_on_cpu(model, device, tokens_per_step, log)
         _warn_if_bf16_is_emulated(t.dtype, device, log)
+        if ns_float32_by_default(model, t):
+            log("Newton–Schulz runs in float32: this CPU has no native bf16 "
+                "(train.optimizer_args.ns_dtype chooses)")
     last = (read_metrics(out / "metrics.jsonl") or [{}])[-1] if par.main else {}
     steps = range(start, stop)
     if progress and par.main:
