@@ -88,6 +88,29 @@ def test_ns_dtype_by_name_and_the_float32_default_on_a_cpu_without_native_bf16(c
     assert ns_dtypes("train.optimizer=adamw", native=False) == set()  # no Newton–Schulz: nothing added
 
 
+BUNDLED_PRESETS = ["demo", "gpt2-small", "shakespeare-char", "tiny"]
+
+
+def test_the_preset_list_below_is_every_bundled_preset():
+    from lipformer.training.recipe import presets
+
+    assert presets() == BUNDLED_PRESETS
+
+
+@pytest.mark.parametrize("preset", BUNDLED_PRESETS)
+def test_every_bundled_preset_loads_and_builds_its_model_and_optimizer(preset):
+    """A preset is a file users run for an hour: a key the recipe no longer knows, a cap table the model
+    refuses or an optimizer argument the optimizer rejects must fail here, not at the start of a run.
+    The width is shrunk (same kinds of layers and options) so gpt2-small costs no memory."""
+    import lipformer.training.train as train_module
+    from lipformer import LipformerConfig, LipformerForCausalLM
+    r = load_recipe(preset)
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 40}
+    model = LipformerForCausalLM(LipformerConfig(**{**r.model, **small}))
+    optimizer, schedule = train_module.build_optimizer_for(model, r.train)
+    assert len(optimizer.param_groups) >= 1 and schedule.last_epoch == 0
+
+
 def test_resume_keeps_this_machines_ns_dtype_not_the_checkpoints(corpus, tmp_path, monkeypatch):
     """Started where bf16 is native (bf16 Newton–Schulz saved in the optimizer state), resumed where it
     is emulated: the resumed steps run, and the next checkpoint records, float32."""
