@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample", type=int, default=500, help="positions drawn as certify_val.py --sample draws them")
     p.add_argument("--batches", type=int, default=4, help="as certify_val.py --batches")
     p.add_argument("--seed", type=int, default=0, help="the draw's seed")
+    p.add_argument("--val-seed", type=int, default=1, help="the val windows' seed, as certify_val.py --val-seed")
     p.add_argument("--eps", type=float, default=0.01, help="the radius (max-rms of inputs_embeds)")
     p.add_argument("--limit", type=int, default=12, help="analyse at most this many failing positions")
     p.add_argument("--refine", default="128,512", help="comma-separated pair budgets N, increasing")
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         if not (a.eps > 0 and a.sample >= 1 and a.limit >= 1 and all(n > 0 for n in budgets + ks)):
             raise cv.Refused("--eps, --sample, --limit and every budget must be positive")
         cv.validate(argparse.Namespace(sample=a.sample, batches=a.batches, sequences=1, threads=a.threads,
-                                       refine=0, attack=0, overrides=a.overrides))
+                                       refine=0, attack=0, val_seed=a.val_seed, overrides=a.overrides))
         rows = slack(a, budgets, ks)
     except (cv.Refused, RecipeError, DataError, OSError) as exc:
         print(f"relaxation_slack: error: {exc}", file=sys.stderr)

@@ -107,6 +107,39 @@ def test_no_attack_breaks_what_the_script_counts_as_certified(saved, corpus, cap
     assert out["robust_upper"]["0.05"] < out["accuracy"]
 
 
+def test_the_val_windows_follow_val_seed_not_the_presets_training_seed(saved, corpus, monkeypatch):
+    """The population is the loop's draw for train.seed = val_seed − 1, whatever seed the preset trains
+    with: a preset's seed change once moved every figure measured through this script to other windows."""
+    import argparse
+    import dataclasses
+
+    import lipformer.training.recipe as recipe_module
+    from lipformer.training.train import open_data
+
+    script = load_script()
+
+    def first_batch(val_seed, preset_seed=None):
+        if preset_seed is not None:     # a preset that trains with another seed
+            plain = recipe_module.load_recipe
+            monkeypatch.setattr(recipe_module, "load_recipe", lambda **kw: dataclasses.replace(
+                plain(**kw), train=dataclasses.replace(plain(**kw).train, seed=preset_seed)))
+        a = argparse.Namespace(run=str(saved), preset="tiny", overrides=data(corpus)[2:], val_seed=val_seed)
+        _, _, val = script.open_model_and_split(a)
+        monkeypatch.undo()
+        val.reset()
+        return val.next_batch()[0]
+
+    def loops_first_batch(train_seed):
+        r = recipe_module.load_recipe(preset="tiny", overrides=[f"model.max_position_embeddings={T}",
+                                                                *data(corpus)[2:], f"train.seed={train_seed}"])
+        return open_data(r)[1].next_batch()[0]
+
+    assert torch.equal(first_batch(1), loops_first_batch(0))
+    assert torch.equal(first_batch(1, preset_seed=5), first_batch(1))
+    assert torch.equal(first_batch(3, preset_seed=5), loops_first_batch(2))
+    assert not torch.equal(first_batch(1), first_batch(3))   # control: the seed does pick other windows
+
+
 def test_wilson_interval():
     wilson = load_script().wilson
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
@@ -120,6 +153,7 @@ def test_wilson_interval():
     (["--batches", "0"], "needs --sample"),
     (["--eps", "abc"], "comma-separated"),
     (["--eps", "-0.01"], "finite and positive"),
+    (["--val-seed", "0"], "--val-seed must be at least 1"),
     (["model.max_position_embeddings=64"], "only data.* overrides"),
 ])
 def test_bad_input_is_refused_in_one_line(saved, corpus, capsys, extra, message):
