@@ -42,6 +42,7 @@ bench: setup
 	$(PY) scripts/bench_train_step.py
 	$(PY) scripts/bench_certify.py
 	$(PY) scripts/bench_poet.py --append docs/benchmarks.md
+	$(PY) scripts/bench_allocator.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -44,10 +44,12 @@ def _train_errors():
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lipformer.training.allocator import retain_freed_memory
     from lipformer.training.distributed import init_from_env
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import Interrupted, TrainingStopped, run
 
+    retain_freed_memory()  # this process is the training run: no fresh pages each step (allocator.py)
     try:
         recipe = load_recipe(args.preset, args.config, args.overrides)
         if args.max_steps is not None and args.max_steps < 1:
@@ -109,9 +111,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import certify
+    from lipformer.training.allocator import retain_freed_memory
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import Interrupted, run
 
+    retain_freed_memory()  # this process is the training run: no fresh pages each step (allocator.py)
     try:
         recipe = load_recipe("demo", None, args.overrides)
         m, t = recipe.model, recipe.train

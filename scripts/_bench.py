@@ -34,5 +34,28 @@ def step_parts(model, t):
     optimizer, scheduler = build_optimizer_for(model, t)
     objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
                                                               weight=t.margin_weight, stability=t.stability,
-                                                              margin_on=t.margin_on)
+                                                              margin_on=t.margin_on, stability_eps=t.stability_eps)
     return par, optimizer, scheduler, SpectralProjection(model, optimizer), objective
+
+
+def append_section(args, text: str) -> None:
+    """Append a dated markdown section to --append, unless --no-append."""
+    if args.no_append:
+        return
+    with open(args.append, "a") as f:
+        f.write(text)
+    print(f"appended to {args.append}")
+
+
+def preset_step(preset: str, overrides: list[str]):
+    """A preset's training step as `lipformer train` builds it, from the preset's seed:
+    (train.* settings, the train split, (parallel wrapper, optimizer, scheduler, projection, objective))."""
+    from lipformer import LipformerConfig, LipformerForCausalLM
+    from training.recipe import load_recipe
+    from training.train import open_data
+
+    run = load_recipe(preset, overrides=overrides)
+    train_data, _, _, vocab = open_data(run)
+    torch.manual_seed(run.train.seed)
+    model = LipformerForCausalLM(LipformerConfig(**{**run.model, "vocab_size": vocab})).train()
+    return run.train, train_data, step_parts(model, run.train)

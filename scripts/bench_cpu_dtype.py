@@ -33,12 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from _bench import add_common_args, machine, step_parts  # noqa: E402
+from _bench import add_common_args, machine, preset_step  # noqa: E402
 
-from lipformer import LipformerConfig, LipformerForCausalLM  # noqa: E402
 from training.evaluation import cpu_has_native_bf16  # noqa: E402
-from training.recipe import load_recipe  # noqa: E402
-from training.train import open_data, train_step  # noqa: E402
+from training.train import train_step  # noqa: E402
 
 ROWS = {"bf16": ("bfloat16", "bfloat16"), "bf16, NS32": ("bfloat16", "float32"),
         "float32, NS bf16": ("float32", "bfloat16"), "float32": ("float32", "float32")}
@@ -56,12 +54,8 @@ def matmul_seconds(dtype: torch.dtype, repeats: int) -> float:
 
 
 def step_seconds(preset: str, overrides: list[str], autocast: str, ns: str, warmup: int, repeats: int) -> float:
-    run = load_recipe(preset, overrides=[*overrides, f"train.dtype={autocast}", f"train.optimizer_args.ns_dtype={ns}"])
-    t = run.train
-    train_data, _, _, vocab = open_data(run)
-    torch.manual_seed(t.seed)
-    model = LipformerForCausalLM(LipformerConfig(**{**run.model, "vocab_size": vocab})).train()
-    par, optimizer, scheduler, project, objective = step_parts(model, t)
+    t, train_data, (par, optimizer, scheduler, project, objective) = preset_step(
+        preset, [*overrides, f"train.dtype={autocast}", f"train.optimizer_args.ns_dtype={ns}"])
     times = []
     with tempfile.TemporaryDirectory() as out:
         for step in range(warmup + repeats):

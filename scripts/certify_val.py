@@ -298,4 +298,6 @@ def certify_val(a, eps: list[float]) -> dict:
 
 
 if __name__ == "__main__":
+    from lipformer.training.allocator import retain_freed_memory
+    retain_freed_memory()  # a whole process of large certificate batches: reuse their pages (allocator.py)
     raise SystemExit(main())
