@@ -203,6 +203,34 @@ def test_stability_term_reads_the_forwards_own_preactivations():
     assert not torch.allclose(g_with, g_without)
 
 
+def test_stability_eps_moves_the_reach_and_not_the_margin():
+    """stability_eps gives the stability term its own radius: the loss is the margin loss at ε_train plus
+    the term at stability_eps, both ramped by the same warm-up. Control: left at 0 the term is taken at
+    ε_train, which differs."""
+    model = model_off_caps(activation="maxmin", softmax_scale=0.0, position_bias=4)
+    ids = torch.randint(0, 24, (2, 8))
+    apart = Objective("margin_global", 0.01, eps_warmup=10, stability=1.0, stability_eps=0.05)
+    together = Objective("margin_global", 0.01, eps_warmup=10, stability=1.0)
+    margin_only = Objective("margin_global", 0.01, eps_warmup=10)
+    losses = []
+    for objective in (apart, together):
+        with objective.recording(model):
+            logits = model(ids).logits
+        preacts = [p.detach() for p in objective._preacts]
+        losses.append(objective(model, logits, ids, step=4))
+    base = margin_only(model, logits, ids, step=4)
+    ramp = 5 / 10
+    term = pair_instability(model, preacts, 0.05 * ramp, apart.power.sigma)
+    assert torch.allclose(losses[0], base + term)
+    assert torch.allclose(losses[1], base + pair_instability(model, preacts, 0.01 * ramp, apart.power.sigma))
+    assert not torch.allclose(losses[0], losses[1])
+    with pytest.raises(RecipeError, match="stability_eps"):
+        load_recipe(preset="shakespeare-char", overrides=["train.stability=0", "train.stability_eps=0.01"])
+    with pytest.raises(RecipeError, match="stability_eps"):
+        load_recipe(preset="shakespeare-char", overrides=["train.stability_eps=-1"])
+    assert load_recipe(preset="shakespeare-char", overrides=["train.stability_eps=0.01"]).train.stability_eps == 0.01
+
+
 def test_stability_needs_a_margin_objective_and_maxmin(tmp_path):
     with pytest.raises(RecipeError, match="stability"):
         load_recipe(preset="tiny", overrides=["train.stability=1"])

@@ -19,7 +19,10 @@
 the pair's difference and r = ‖w_a − w_b‖·e_l its reach under the body bound's radius e_l = √d·L_l·ε_train
 at that MLP's input (L_l the bound up to there): the ReLU-stability loss of Xiao et al. (2019) for
 the pairs a perturbation could reorder. Every such pair costs the linear-relaxation certificate
-(docs/lipschitz.md §10) its triangle relaxation; a pair it cannot reorder passes exactly.
+(docs/lipschitz.md §10) its triangle relaxation; a pair it cannot reorder passes exactly. The reach is
+taken at ε_train unless `stability_eps` gives the term a radius of its own (ramped alike): the margin's
+radius is what costs clean accuracy, the pairs' radius is what the refined certificate needs at the
+radius it is asked for, and the two need not be the same.
 
 The margin loss may be mixed with plain cross-entropy, (1 − w)·CE(z) + w·CE(z̃) (`margin_weight`
 w, IBP's κ), so that the clean prediction keeps a direct signal while the bound is far too large.
@@ -201,7 +204,7 @@ class Objective:
     """
 
     def __init__(self, name: str = "ce", eps: float = 0.0, power_iters: int = 12, eps_warmup: int = 0,
-                 weight: float = 1.0, stability: float = 0.0, margin_on: str = "all"):
+                 weight: float = 1.0, stability: float = 0.0, margin_on: str = "all", stability_eps: float = 0.0):
         if name not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
         if margin_on not in MARGIN_ON:
@@ -210,17 +213,21 @@ class Objective:
         if not (math.isfinite(stability) and stability >= 0):
             raise ValueError(f"stability weight must be >= 0, got {stability}")
         self.stability = float(stability)
+        if not (math.isfinite(stability_eps) and stability_eps >= 0):
+            raise ValueError(f"stability_eps must be >= 0, got {stability_eps}")
+        self.stability_eps = float(stability_eps)
         self.name, self.eps, self.power = name, float(eps), PowerSigma(power_iters)
         self.eps_warmup, self.weight = int(eps_warmup), float(weight)
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError(f"margin weight must be in [0, 1], got {weight}")
         self._seen = self._preacts = None
 
-    def eps_at(self, step: int | None) -> float:
+    def eps_at(self, step: int | None, eps: float | None = None) -> float:
         """ε_train at `step` (0-based): linear from 0 to eps over eps_warmup steps; None: the full eps."""
+        eps = self.eps if eps is None else eps
         if step is None or self.eps_warmup <= 0:
-            return self.eps
-        return self.eps * min(1.0, (step + 1) / self.eps_warmup)
+            return eps
+        return eps * min(1.0, (step + 1) / self.eps_warmup)
 
     @contextmanager
     def recording(self, model):
@@ -253,14 +260,15 @@ class Objective:
 
     def __call__(self, model, logits: Tensor, targets: Tensor, step: int | None = None) -> Tensor:
         eps = self.eps_at(step)
+        reach_eps = self.eps_at(step, self.stability_eps or self.eps)   # the stability term's own radius
         extra = 0.0
-        if self.stability and eps > 0:
+        if self.stability and reach_eps > 0:
             if self._preacts is None or self._preacts[0] is None:
                 raise RuntimeError("stability: run the forward inside `with objective.recording(model):`")
             if model.config.activation != "maxmin":
                 raise ValueError("train.stability needs model.activation = 'maxmin' (it acts on maxmin's pairs)")
             preacts, self._preacts = self._preacts, None
-            extra = self.stability * pair_instability(model, preacts, eps, self.power.sigma)
+            extra = self.stability * pair_instability(model, preacts, reach_eps, self.power.sigma)
         return self._loss(model, logits, targets, eps) + extra
 
     def _loss(self, model, logits: Tensor, targets: Tensor, eps: float) -> Tensor:

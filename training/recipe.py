@@ -62,6 +62,7 @@ class TrainConfig:
     margin_weight: float = 1.0          # loss = (1 − w)·CE + w·(margin loss) for the margin objectives
     margin_on: str = "all"              # "all" | "correct": the margin loss only where the clean prediction is right
     stability: float = 0.0              # weight of the maxmin pair-stability term (training/objectives.py; 0: off)
+    stability_eps: float = 0.0          # the radius the stability term's reach is taken at (0: train.eps)
     init_from: str | None = None        # a saved model folder (e.g. OUT/final) whose weights start the run
                                         # (fine-tuning: fresh optimizer and schedule; --resume takes precedence)
     distill_from: str | None = None     # a saved model folder (any size, same vocabulary): its next-token
@@ -168,6 +169,10 @@ def _check_train(t: TrainConfig) -> None:
         raise RecipeError(f"[train] margin_weight must be in [0, 1], got {t.margin_weight!r}")
     if not (isinstance(t.stability, (int, float)) and math.isfinite(t.stability) and t.stability >= 0):
         raise RecipeError(f"[train] stability must be a number >= 0, got {t.stability!r}")
+    if not (isinstance(t.stability_eps, (int, float)) and math.isfinite(t.stability_eps) and t.stability_eps >= 0):
+        raise RecipeError(f"[train] stability_eps must be a number >= 0, got {t.stability_eps!r}")
+    if t.stability_eps and not t.stability:
+        raise RecipeError("[train] stability_eps is the stability term's radius: set train.stability > 0 too")
     if t.stability and t.objective == "ce":
         raise RecipeError("[train] stability needs a margin objective (its reach is taken at train.eps): "
                           "set train.objective = \"margin_global\"")

@@ -273,7 +273,7 @@ def run(run: RunConfig, out: str | os.PathLike, resume: bool = False, overwrite:
     project = SpectralProjection(model, optimizer)
     objective = None if t.objective == "ce" else Objective(t.objective, t.eps, eps_warmup=t.eps_warmup,
                                                                   weight=t.margin_weight, stability=t.stability,
-                                                                  margin_on=t.margin_on)
+                                                                  margin_on=t.margin_on, stability_eps=t.stability_eps)
     distill = None if teacher is None else Distillation(teacher.to(device), t.distill_weight, t.distill_temperature)
     # the average of projected weights needs no projection of its own: every cap is a norm bound,
     # a convex set, so an average of points inside it stays inside (the certificate is computed
