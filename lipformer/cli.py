@@ -49,9 +49,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import Interrupted, TrainingStopped, run
 
-    retain_freed_memory()  # this process is the training run: no fresh pages each step (allocator.py)
     try:
         recipe = load_recipe(args.preset, args.config, args.overrides)
+        if args.owns_process:   # the console command is the run: no fresh pages each step (allocator.py)
+            retain_freed_memory()
         if args.max_steps is not None and args.max_steps < 1:
             raise UsageError("--max-steps must be at least 1")
         init_from_env()  # under torchrun (WORLD_SIZE > 1): join the process group; else nothing
@@ -115,9 +116,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lipformer.training.recipe import load_recipe
     from lipformer.training.train import Interrupted, run
 
-    retain_freed_memory()  # this process is the training run: no fresh pages each step (allocator.py)
     try:
         recipe = load_recipe("demo", None, args.overrides)
+        if args.owns_process:   # the console command is the run: no fresh pages each step (allocator.py)
+            retain_freed_memory()
         m, t = recipe.model, recipe.train
         print(f"training the demo preset: a character-level model ({m.get('num_hidden_layers')} blocks × d "
               f"{m.get('hidden_size')}) on Shakespeare's plays, {t.max_steps} steps on the CPU "
@@ -461,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    owns_process = argv is None   # the console command, not `main([...])` inside someone's process
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
@@ -476,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("missing command; try `lipformer demo` or `lipformer --help`")
         if getattr(args, "model_dir", None):  # before any command imports torch: answered at once
             _check_not_a_run_folder(args.model_dir)
+        args.owns_process = owns_process
         return args.func(args)
     except UsageError as exc:
         if debug:

@@ -72,6 +72,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.threads:   # the children's count, for the machine line
+        torch.set_num_threads(args.threads)
     base_env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS + ("LIPFORMER_MALLOC",)}
     cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--threads", str(args.threads), *args.overrides]
@@ -79,7 +81,10 @@ def main() -> None:
     for r in range(args.rounds):
         for row in (ROWS if r % 2 == 0 else ROWS[::-1]):
             env = {**base_env, "LIPFORMER_MALLOC": "default"} if row == ROWS[0] else base_env
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"the {row} child failed:\n{done.stderr}")
+            out = done.stdout
             results[row].append(json.loads(out.strip().splitlines()[-1]))
             print(row, results[row][-1], flush=True)
     if not results[ROWS[1]][0]["applied"]:

@@ -224,6 +224,10 @@ def test_stability_eps_moves_the_reach_and_not_the_margin():
     assert torch.allclose(losses[0], base + term)
     assert torch.allclose(losses[1], base + pair_instability(model, preacts, 0.01 * ramp, apart.power.sigma))
     assert not torch.allclose(losses[0], losses[1])
+    ce_only = Objective("margin_global", 0.0, stability=1.0, stability_eps=0.05)   # ε_train 0: CE + the term
+    want = F.cross_entropy(logits.reshape(-1, 24), ids.reshape(-1)) + pair_instability(model, preacts, 0.05, apart.power.sigma)
+    ce_only._preacts = preacts
+    assert torch.allclose(ce_only(model, logits, ids), want)
     with pytest.raises(RecipeError, match="stability_eps"):
         load_recipe(preset="shakespeare-char", overrides=["train.stability=0", "train.stability_eps=0.01"])
     with pytest.raises(RecipeError, match="stability_eps"):

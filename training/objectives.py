@@ -22,7 +22,8 @@ the pairs a perturbation could reorder. Every such pair costs the linear-relaxat
 (docs/lipschitz.md §10) its triangle relaxation; a pair it cannot reorder passes exactly. The reach is
 taken at ε_train unless `stability_eps` gives the term a radius of its own (ramped alike): the margin's
 radius is what costs clean accuracy, the pairs' radius is what the refined certificate needs at the
-radius it is asked for, and the two need not be the same.
+radius it is asked for, and the two need not be the same. With ε_train = 0 and `stability_eps` > 0 the
+loss is cross-entropy plus the stability term.
 
 The margin loss may be mixed with plain cross-entropy, (1 − w)·CE(z) + w·CE(z̃) (`margin_weight`
 w, IBP's κ), so that the clean prediction keeps a direct signal while the bound is far too large.
@@ -223,7 +224,8 @@ class Objective:
         self._seen = self._preacts = None
 
     def eps_at(self, step: int | None, eps: float | None = None) -> float:
-        """ε_train at `step` (0-based): linear from 0 to eps over eps_warmup steps; None: the full eps."""
+        """ε_train (or another radius `eps` on the same ramp) at `step` (0-based): linear from 0 over
+        eps_warmup steps; None: the full radius."""
         eps = self.eps if eps is None else eps
         if step is None or self.eps_warmup <= 0:
             return eps

@@ -174,8 +174,9 @@ def _check_train(t: TrainConfig) -> None:
     if t.stability_eps and not t.stability:
         raise RecipeError("[train] stability_eps is the stability term's radius: set train.stability > 0 too")
     if t.stability and t.objective == "ce":
-        raise RecipeError("[train] stability needs a margin objective (its reach is taken at train.eps): "
-                          "set train.objective = \"margin_global\"")
+        raise RecipeError("[train] stability needs a margin objective: set train.objective = \"margin_global\" "
+                          "(its reach is taken at train.stability_eps, or train.eps; with train.eps = 0 the loss "
+                          "is cross-entropy plus the stability term)")
     if t.init_from is not None and not (Path(str(t.init_from)) / "config.json").is_file():
         raise RecipeError(f"[train] init_from must be a saved model folder (with config.json), got {t.init_from!r}")
     if t.distill_from is not None and not (Path(str(t.distill_from)) / "config.json").is_file():
