@@ -5,8 +5,8 @@ free. The threshold adapts upward to the largest mapped block freed, but never p
 (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit). A training step allocates and frees the same larger
 activations every step (the MLP's 64 × 256 × 1024 float32 pre-activations are 64 MiB), so every step
 maps them afresh and the kernel zero-fills each page on its first touch. On the shakespeare-char
-preset (2 AVX2 cores) that was about 67,000 page faults a second and a quarter of the step's wall time
-in the kernel (docs/benchmarks.md, "CPU allocator").
+preset (2 AVX2 cores) that was about 290,000 page faults and 1 s of kernel CPU in a 3 s step
+(docs/benchmarks.md, "CPU allocator").
 
 `retain_freed_memory` makes such blocks come from the heap, which malloc reuses from one step to the
 next. It raises the mmap threshold (glibc ≥ 2.35 accepts any int; older glibc caps it at 32 MiB, and
