@@ -84,11 +84,11 @@ def main() -> None:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"the {row} child failed:\n{done.stderr}")
-            out = done.stdout
-            results[row].append(json.loads(out.strip().splitlines()[-1]))
+            results[row].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(row, results[row][-1], flush=True)
-    if not results[ROWS[1]][0]["applied"]:
-        sys.exit("retain_freed_memory did not apply here (not glibc, or MALLOC_* set): nothing to compare")
+            if row == ROWS[1] and not results[row][-1]["applied"]:
+                sys.exit("retain_freed_memory did not apply here (not glibc's malloc, or malloc tunables set): "
+                         "nothing to compare")
 
     def med(row, key):
         return statistics.median(x[key] for x in results[row])

@@ -21,7 +21,8 @@ process: fork children inherit them, exec'd ones do not, and each torchrun rank 
 
 Only the process's owner should change its allocator, so importing the library never does. The
 console commands `lipformer train` and `lipformer demo` call this (not `cli.main([...])` called in
-process), and so does scripts/certify_val.py; the step benchmarks say whether they do. Settings the
+process), and so do scripts/certify_val.py and scripts/bench_allocator.py's second row; the other
+step benchmarks run with glibc's default (their ratios hold, their absolute times are higher). Settings the
 user chose win: nothing changes with MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or
 MALLOC_MMAP_MAX_ set, with glibc.malloc tunables in GLIBC_TUNABLES, or with another malloc preloaded
 (jemalloc, tcmalloc). LIPFORMER_MALLOC=default turns it off.
@@ -55,8 +56,7 @@ def _glibc():
         process = ctypes.CDLL(None)       # what the process's own calls to malloc resolve to
     except (OSError, AttributeError):
         return None
-    address = ctypes.cast
-    if address(process.malloc, ctypes.c_void_p).value != address(libc.malloc, ctypes.c_void_p).value:
+    if ctypes.cast(process.malloc, ctypes.c_void_p).value != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
         return None                       # jemalloc, tcmalloc, ... preloaded: glibc's settings do nothing
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt.restype = ctypes.c_int
